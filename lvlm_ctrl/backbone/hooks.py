@@ -1,0 +1,107 @@
+"""Apply a configuration to a Hugging Face MoE decoder for one request, and restore it after.
+
+No extra forward pass: top_k is an attribute each router reads at call time, and skipping blocks
+swaps the decoder's ModuleList for the kept blocks. Attention and the KV cache index by
+`layer_idx`, so kept blocks are renumbered 0..n-1 and `num_hidden_layers` (and `layer_types`, where
+the config has it) made to match. Block 0 always stays: the cache reads the sequence length there.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lvlm_ctrl.knobs import Knobs
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The text decoder: the module that owns the list of transformer blocks."""
+    for name in ("model.language_model", "language_model", "model"):
+        module = model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+        if module is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def router_of(block: nn.Module) -> nn.Module | None:
+    gate = getattr(getattr(block, "mlp", None), "gate", None)
+    return gate if gate is not None and hasattr(gate, "top_k") else None
+
+
+@dataclass
+class Capture:
+    """The latency token: hidden state of the last token after block p-1, from the prefill."""
+
+    latency_token: torch.Tensor | None = None
+
+
+class KnobHooks:
+    def __init__(self, model: nn.Module, ranking: list[int] | None = None):
+        self.decoder = find_decoder(model)
+        self.blocks = list(self.decoder.layers)
+        self.num_layers = len(self.blocks)
+        self.routers = [router_of(b) for b in self.blocks]
+        self.default_top_k = [r.top_k if r is not None else None for r in self.routers]
+        self.ranking = list(ranking) if ranking is not None else list(range(self.num_layers))
+        if sorted(self.ranking) != list(range(self.num_layers)):
+            raise ValueError(f"block ranking must be a permutation of 0..{self.num_layers - 1}")
+
+    def kept_blocks(self, insertion: int, num_blocks: int) -> list[int]:
+        """Blocks [0, p) plus the most important num_blocks - p blocks of [p, L), in order."""
+        extra = [i for i in self.ranking if i >= insertion][: num_blocks - insertion]
+        return list(range(insertion)) + sorted(extra)
+
+    def apply(self, knobs: Knobs, capture: bool = False):
+        """Within the block the decoder runs `knobs`; yields a Capture filled by the prefill."""
+        kept = self.kept_blocks(knobs.insertion, knobs.num_blocks)
+        return self.run_blocks(kept, knobs.top_k, knobs.insertion, knobs.insertion - 1 if capture else None)
+
+    @contextmanager
+    def run_blocks(self, kept: list[int], top_k: int | None = None, top_k_from: int = 0,
+                   capture_after: int | None = None):
+        """The general form: any kept list with block 0, top_k on routers of blocks >= top_k_from."""
+        if not kept or kept[0] != 0:
+            raise ValueError("block 0 must be kept: the KV cache reads the sequence length from it")
+        config = self.decoder.config
+        saved_types = getattr(config, "layer_types", None)
+        saved_idx = {id(m): m.layer_idx for b in self.blocks for m in b.modules() if hasattr(m, "layer_idx")}
+        state = Capture()
+        handle = None
+        try:
+            for i, router in enumerate(self.routers):
+                if router is not None and top_k is not None and i >= top_k_from:
+                    router.top_k = top_k
+            for new_idx, old_idx in enumerate(kept):
+                for m in self.blocks[old_idx].modules():
+                    if hasattr(m, "layer_idx"):
+                        m.layer_idx = new_idx
+            self.decoder.layers = nn.ModuleList([self.blocks[i] for i in kept])
+            config.num_hidden_layers = len(kept)
+            if saved_types is not None:
+                config.layer_types = [saved_types[i] for i in kept]
+            if capture_after is not None:
+                def grab(_module, _args, output):
+                    if state.latency_token is None:  # the prefill; decode steps come later
+                        hidden = output[0] if isinstance(output, tuple) else output
+                        state.latency_token = hidden[:, -1].detach()
+                handle = self.blocks[capture_after].register_forward_hook(grab)
+            yield state
+        finally:
+            if handle is not None:
+                handle.remove()
+            for i, router in enumerate(self.routers):
+                if router is not None:
+                    router.top_k = self.default_top_k[i]
+            for b in self.blocks:
+                for m in b.modules():
+                    if id(m) in saved_idx:
+                        m.layer_idx = saved_idx[id(m)]
+            self.decoder.layers = nn.ModuleList(self.blocks)
+            config.num_hidden_layers = self.num_layers
+            if saved_types is not None:
+                config.layer_types = saved_types

@@ -1,0 +1,115 @@
+"""Evaluate a controller on a split over a grid of budgets; writes eval_summary.json.
+
+    python -m lvlm_ctrl.evaluate controller=static data.split=test data.limit=2000
+    python -m lvlm_ctrl.evaluate controller=static controller.tier=low controller.insertion=1 \\
+        controller.top_k=4 controller.num_blocks=12
+
+Latency is wall time at batch size 1, after warm-up, from preprocessing at the chosen tier to the
+last generated token, plus the controller's own decision time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from lvlm_ctrl.errors import UserError, cli
+from lvlm_ctrl.io import atomic_write_json, command, machine
+from lvlm_ctrl.metrics import vqa_score
+
+
+def parse_budgets(values) -> list[float | None]:
+    """eval.budgets_ms -> floats, with a clear error for <= 0, NaN or non-numbers; None = no budget."""
+    if values is None:
+        return [None]
+    if isinstance(values, (int, float, str)):
+        values = [values]
+    budgets = []
+    for v in values:
+        try:
+            b = float(v)
+        except (TypeError, ValueError):
+            raise UserError(f"budget {v!r} is not a number: give eval.budgets_ms=[ms, ...] as positive numbers") from None
+        if math.isnan(b) or b <= 0 or math.isinf(b):
+            raise UserError(f"budget {v!r} must be a positive, finite number of milliseconds")
+        budgets.append(b)
+    return budgets
+
+
+def run_requests(backbone, controller, samples, budget_ms, warmup: int = 3):
+    """Serve every sample one at a time; returns per-request records."""
+    for s in samples[:warmup]:
+        backbone.generate([s.load_image()], [s.question], controller.decide(s, budget_ms))
+    records = []
+    for s in samples:
+        image = s.load_image()
+        t0 = time.perf_counter()
+        knobs = controller.decide(s, budget_ms)
+        overhead = (time.perf_counter() - t0) * 1e3
+        gen = backbone.generate([image], [s.question], knobs)
+        records.append({
+            "sample_id": s.sample_id, "prediction": gen.answers[0], "accuracy": vqa_score(gen.answers[0], list(s.answers)),
+            "knobs": knobs.as_dict(), "overhead_ms": overhead, "T_vision_ms": gen.vision_ms,
+            "T_prefill_ms": gen.prefill_ms, "T_decode_ms": gen.decode_ms, "latency_ms": gen.total_ms + overhead,
+        })
+    return records
+
+
+def summarize(records: list[dict], budget_ms: float | None) -> dict:
+    lat = np.array([r["latency_ms"] for r in records])
+    knobs = {name: dict(Counter(str(r["knobs"][name]) for r in records)) for name in records[0]["knobs"]}
+    return {
+        "budget_ms": budget_ms,
+        "accuracy": float(np.mean([r["accuracy"] for r in records])),
+        "violation_rate": float(np.mean(lat > budget_ms)) if budget_ms else None,
+        "mean_latency_ms": float(lat.mean()),
+        "median_latency_ms": float(np.median(lat)),
+        "p95_latency_ms": float(np.percentile(lat, 95)),
+        "mean_latency_over_budget": float((lat / budget_ms).mean()) if budget_ms else None,
+        "p95_latency_over_budget": float(np.percentile(lat / budget_ms, 95)) if budget_ms else None,
+        "controller_overhead_ms": float(np.median([r["overhead_ms"] for r in records])),
+        "stage_ms": {k: float(np.mean([r[k] for r in records])) for k in ("T_vision_ms", "T_prefill_ms", "T_decode_ms")},
+        "knobs": knobs,
+    }
+
+
+def auc(results: list[dict]) -> float | None:
+    """Area under accuracy vs budget, normalised by the budget range (so it is a mean accuracy)."""
+    pts = sorted((r["budget_ms"], r["accuracy"]) for r in results if r["budget_ms"] is not None)
+    if len(pts) < 2:
+        return None
+    xs, ys = zip(*pts)
+    return float(np.trapezoid(ys, xs) / (xs[-1] - xs[0]))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@cli
+def main(cfg: DictConfig) -> float | None:
+    budgets = parse_budgets(cfg.eval.budgets_ms)
+    backbone = hydra.utils.instantiate(cfg.model)
+    controller = hydra.utils.instantiate(cfg.controller).bind(backbone)
+    dataset = hydra.utils.instantiate(cfg.data)
+    results = [summarize(run_requests(backbone, controller, dataset.samples, b, cfg.eval.warmup), b)
+               for b in budgets]
+    out = Path(cfg.eval.output_dir) / "eval_summary.json"
+    summary = {
+        "controller": controller.name, "dataset": dataset.name, "split": dataset.split,
+        "num_samples": len(dataset), "latency_source": cfg.latency.source, "backbone": backbone.name,
+        "results": results, "auc": auc(results), "command": command("lvlm_ctrl.evaluate"), "machine": machine(),
+    }
+    atomic_write_json(out, summary)
+    for r in results:
+        print(f"budget={r['budget_ms']} accuracy={r['accuracy']:.4f} median_latency_ms={r['median_latency_ms']:.1f} "
+              f"p95_latency_ms={r['p95_latency_ms']:.1f} violation_rate={r['violation_rate']}")
+    print(f"wrote {out}")
+    return summary["auc"] if summary["auc"] is not None else results[0]["accuracy"]
+
+
+if __name__ == "__main__":
+    main()

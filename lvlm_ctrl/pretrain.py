@@ -1,0 +1,216 @@
+"""Pretrain the embedded tiny MoE VLM on easy-VQA, at all three tiers, with Lightning.
+
+    python -m lvlm_ctrl.pretrain                       # writes outputs/.../tiny_moe, then
+    python -m lvlm_ctrl.pretrain install=true          # also copies it into lvlm_ctrl/assets/tiny_moe
+
+Half the batches run a random configuration of the knob space (random blocks skipped, random
+top_k after a random insertion) so every configuration answers sensibly, the rest the full one.
+Images are preprocessed once per tier by the real processor and cached as tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from lvlm_ctrl.backbone import EMBEDDED
+from lvlm_ctrl.backbone.hooks import KnobHooks
+from lvlm_ctrl.backbone.tiny_moe import PROMPT, build
+from lvlm_ctrl.data import easy_vqa
+from lvlm_ctrl.data import load_image
+from lvlm_ctrl.errors import cli
+from lvlm_ctrl.knobs import Knobs, KnobSpace
+
+
+class TieredVQA(torch.utils.data.Dataset):
+    """Token ids and answer per question; pixels come from a per-tier cache keyed by image path."""
+
+    def __init__(self, samples, tokenizer, answer_ids):
+        self.items = []
+        for s in samples:
+            ids = tokenizer(PROMPT.format(question=s.question).replace("<image>", ""))["input_ids"]
+            self.items.append((s.image_path, ids, answer_ids[s.answers[0]]))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class Collate:
+    """Batches share one tier (so one sequence shape); the tier is drawn per batch."""
+
+    def __init__(self, pixels: dict, image_tokens: dict, image_token_id: int, pad_id: int, eos_id: int,
+                 tiers: list[str], fixed_tier: str | None = None):
+        self.pixels, self.image_tokens, self.image_token_id = pixels, image_tokens, image_token_id
+        self.pad_id, self.eos_id, self.tiers, self.fixed_tier = pad_id, eos_id, tiers, fixed_tier
+
+    def __call__(self, items):
+        tier = self.fixed_tier or random.choice(self.tiers)
+        n_img = self.image_tokens[tier]
+        seqs = []
+        for _, ids, ans in items:
+            seqs.append([ids[0]] + [self.image_token_id] * n_img + ids[1:] + [ans, self.eos_id])
+        width = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), width), self.pad_id)
+        labels = torch.full((len(seqs), width), -100)
+        for r, seq in enumerate(seqs):
+            input_ids[r, width - len(seq):] = torch.tensor(seq)
+            labels[r, -2:] = torch.tensor(seq[-2:])
+        return {
+            "tier": tier,
+            "pixel_values": torch.stack([self.pixels[tier][path] for path, _, _ in items]),
+            "input_ids": input_ids,
+            "attention_mask": (input_ids != self.pad_id).long(),
+            "labels": labels,
+        }
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(self, model, space: KnobSpace, lr: float, weight_decay: float, warmup_steps: int,
+                 random_config_prob: float, total_steps: int):
+        super().__init__()
+        self.model = model
+        self.space = space
+        self.hooks = KnobHooks(model)
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.random_config_prob, self.total_steps = random_config_prob, total_steps
+
+    def _loss(self, batch, knobs: Knobs):
+        model = self.model
+        with self.hooks.apply(knobs):
+            feats = model.model.get_image_features(batch["pixel_values"], interpolate_pos_encoding=True).pooler_output
+            embeds = model.get_input_embeddings()(batch["input_ids"])
+            mask = (batch["input_ids"] == model.config.image_token_id).unsqueeze(-1)
+            embeds = embeds.masked_scatter(mask, torch.cat(list(feats)))
+            attn = batch["attention_mask"]
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            logits = model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos, use_cache=False).logits
+        logits, labels = logits[:, :-1], batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        answer_pos = labels != -100
+        # The first labelled position is the answer word; exact match on it is easy-VQA accuracy.
+        first = answer_pos.float().argmax(-1)
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        acc = (logits[rows, first].argmax(-1) == labels[rows, first]).float().mean()
+        return loss, acc
+
+    def training_step(self, batch, _):
+        full = self.space.full()
+        if random.random() < self.random_config_prob:
+            p = random.choice(self.space.insertions)
+            knobs = Knobs(batch["tier"], p, random.choice(self.space.top_ks),
+                          random.choice(self.space.num_blocks_options(p)))
+            rest = list(range(1, self.space.num_layers))
+            random.shuffle(rest)
+            self.hooks.ranking = [0] + rest  # any block may be skipped, so learn to survive all
+        else:
+            knobs = Knobs(batch["tier"], full.insertion, full.top_k, full.num_blocks)
+        loss, acc = self._loss(batch, knobs)
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(batch["labels"]))
+        return loss
+
+    def validation_step(self, batch, _):
+        loss, acc = self._loss(batch, self.space.full())
+        self.log_dict({"val/loss": loss, "val/acc": acc}, prog_bar=True, batch_size=len(batch["labels"]))
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+        def schedule(step):
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            frac = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+            return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item())
+
+        return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}]
+
+
+def cache_pixels(processor, paths: list[str], tiers: dict[str, int]) -> dict:
+    images = {p: load_image(p) for p in paths}
+    cache = {}
+    for tier, side in tiers.items():
+        px = processor.image_processor(list(images.values()), size={"height": side, "width": side},
+                                       return_tensors="pt")["pixel_values"]
+        cache[tier] = dict(zip(images, px))
+    return cache
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
+@cli
+def main(cfg: DictConfig) -> float:
+    start = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_num_threads(cfg.threads)
+    model, processor = build(easy_vqa.vocabulary(), seed=cfg.seed, **cfg.sizes)
+    model.config.text_config._experts_implementation = "eager"  # fastest backward on CPU
+    tiers = dict(cfg.model.tiers)
+    space = KnobSpace(tiers=tuple(tiers), num_layers=model.config.text_config.num_hidden_layers)
+    tok = processor.tokenizer
+    answer_ids = {a: tok.convert_tokens_to_ids(a) for a in easy_vqa.answers()}
+    splits = {s: easy_vqa.load(s) for s in ("train", "val", "test")}
+    pixels = cache_pixels(processor, sorted({s.image_path for v in splits.values() for s in v}), tiers)
+    patch = model.config.vision_config.patch_size
+    collate_args = dict(pixels=pixels, image_tokens={t: (s // patch) ** 2 for t, s in tiers.items()},
+                        image_token_id=model.config.image_token_id, pad_id=tok.pad_token_id,
+                        eos_id=tok.eos_token_id, tiers=list(tiers))
+    train = TieredVQA(splits["train"], tok, answer_ids)
+    loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=Collate(**collate_args))
+    full_tier = space.tiers[-1]
+    val_samples = splits["val"][: cfg.val_limit]
+    val_loader = torch.utils.data.DataLoader(TieredVQA(val_samples, tok, answer_ids), batch_size=256,
+                                             collate_fn=Collate(**collate_args, fixed_tier=full_tier))
+    total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.epochs * len(loader)
+    module = PretrainModule(model, space, cfg.lr, cfg.weight_decay, cfg.warmup_steps,
+                            cfg.random_config_prob, total_steps)
+    trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=cfg.epochs)
+    trainer.fit(module, loader, val_loader)
+
+    test_loader = torch.utils.data.DataLoader(TieredVQA(splits["test"], tok, answer_ids), batch_size=256,
+                                              collate_fn=Collate(**collate_args, fixed_tier=full_tier))
+    module.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in test_loader:
+            _, acc = module._loss(batch, space.full())
+            correct += acc.item() * len(batch["labels"])
+            total += len(batch["labels"])
+    test_acc = correct / total
+    out = Path(cfg.output_dir)
+    save(model, processor, out, {
+        "command": " ".join(["python -m lvlm_ctrl.pretrain"] + sys.argv[1:]),
+        "seed": cfg.seed, "steps": trainer.global_step, "wall_s": round(time.time() - start, 1),
+        "test_teacher_forced_acc": round(test_acc, 4), "config": OmegaConf.to_container(cfg, resolve=True),
+    })
+    print(f"test accuracy (full configuration, teacher-forced): {test_acc:.4f}; saved to {out}")
+    if cfg.install:
+        shutil.copytree(out, EMBEDDED, dirs_exist_ok=True)
+        print(f"installed into {EMBEDDED}")
+    return test_acc
+
+
+def save(model, processor, out: Path, provenance: dict) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.float16).save_pretrained(tmp)  # fp16 keeps the committed weights under 10 MB
+    model.to(torch.float32)
+    processor.save_pretrained(tmp)
+    (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+if __name__ == "__main__":
+    main()
