@@ -3,6 +3,8 @@
     python -m lvlm_ctrl.evaluate controller=static data.split=test data.limit=2000
     python -m lvlm_ctrl.evaluate controller=static controller.tier=low controller.insertion=1 \\
         controller.top_k=4 controller.num_blocks=12
+    python -m lvlm_ctrl.evaluate controller=lookup controller.table=.../lookup_table.json
+    python -m lvlm_ctrl.evaluate controller=oracle profile.path=outputs/profiles/easy_vqa-test-1000
 
 Latency is wall time at batch size 1, after warm-up, from preprocessing at the chosen tier to the
 last generated token, plus the controller's own decision time.
@@ -19,9 +21,11 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from lvlm_ctrl.controllers.static import StaticController
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_json, command, machine
 from lvlm_ctrl.metrics import vqa_score
+from lvlm_ctrl.plots import accuracy_vs_budget, load_summaries
 
 
 def parse_budgets(values) -> list[float | None]:
@@ -42,17 +46,24 @@ def parse_budgets(values) -> list[float | None]:
     return budgets
 
 
+def serve(backbone, controller, sample, image, budget_ms):
+    """One request through a controller: (Generation, knobs, controller overhead in ms)."""
+    if hasattr(controller, "serve"):  # two-stage controllers decide inside the serving pass
+        gen, overhead = controller.serve(backbone, sample.question, image, budget_ms)
+        return gen, gen.knobs, overhead
+    t0 = time.perf_counter()
+    knobs = controller.decide(sample, budget_ms)
+    overhead = (time.perf_counter() - t0) * 1e3
+    return backbone.generate([image], [sample.question], knobs), knobs, overhead
+
+
 def run_requests(backbone, controller, samples, budget_ms, warmup: int = 3):
     """Serve every sample one at a time; returns per-request records."""
     for s in samples[:warmup]:
-        backbone.generate([s.load_image()], [s.question], controller.decide(s, budget_ms))
+        serve(backbone, controller, s, s.load_image(), budget_ms)
     records = []
     for s in samples:
-        image = s.load_image()
-        t0 = time.perf_counter()
-        knobs = controller.decide(s, budget_ms)
-        overhead = (time.perf_counter() - t0) * 1e3
-        gen = backbone.generate([image], [s.question], knobs)
+        gen, knobs, overhead = serve(backbone, controller, s, s.load_image(), budget_ms)
         records.append({
             "sample_id": s.sample_id, "prediction": gen.answers[0], "accuracy": vqa_score(gen.answers[0], list(s.answers)),
             "knobs": knobs.as_dict(), "overhead_ms": overhead, "T_vision_ms": gen.vision_ms,
@@ -92,11 +103,19 @@ def auc(results: list[dict]) -> float | None:
 @cli
 def main(cfg: DictConfig) -> float | None:
     budgets = parse_budgets(cfg.eval.budgets_ms)
+    compare = load_summaries(cfg.eval.compare)
     backbone = hydra.utils.instantiate(cfg.model)
     controller = hydra.utils.instantiate(cfg.controller).bind(backbone)
     dataset = hydra.utils.instantiate(cfg.data)
-    results = [summarize(run_requests(backbone, controller, dataset.samples, b, cfg.eval.warmup), b)
-               for b in budgets]
+    if budgets == [None] and hasattr(controller, "default_budgets"):
+        budgets = controller.default_budgets(cfg.eval.num_budgets)
+    if isinstance(controller, StaticController):
+        # its choice ignores the budget: serve once, score against every budget
+        records = run_requests(backbone, controller, dataset.samples, None, cfg.eval.warmup)
+        results = [summarize(records, b) for b in budgets]
+    else:
+        results = [summarize(run_requests(backbone, controller, dataset.samples, b, cfg.eval.warmup), b)
+                   for b in budgets]
     out = Path(cfg.eval.output_dir) / "eval_summary.json"
     summary = {
         "controller": controller.name, "dataset": dataset.name, "split": dataset.split,
@@ -104,6 +123,8 @@ def main(cfg: DictConfig) -> float | None:
         "results": results, "auc": auc(results), "command": command("lvlm_ctrl.evaluate"), "machine": machine(),
     }
     atomic_write_json(out, summary)
+    if summary["auc"] is not None:
+        accuracy_vs_budget([summary, *compare], out.with_name("accuracy_vs_budget.png"))
     for r in results:
         print(f"budget={r['budget_ms']} accuracy={r['accuracy']:.4f} median_latency_ms={r['median_latency_ms']:.1f} "
               f"p95_latency_ms={r['p95_latency_ms']:.1f} violation_rate={r['violation_rate']}")

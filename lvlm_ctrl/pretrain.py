@@ -35,11 +35,13 @@ from lvlm_ctrl.knobs import Knobs, KnobSpace
 class TieredVQA(torch.utils.data.Dataset):
     """Token ids and answer per question; pixels come from a per-tier cache keyed by image path."""
 
-    def __init__(self, samples, tokenizer, answer_ids):
+    def __init__(self, samples, tokenizer, answer_ids, prompt: str = PROMPT):
         self.items = []
         for s in samples:
-            ids = tokenizer(PROMPT.format(question=s.question).replace("<image>", ""))["input_ids"]
-            self.items.append((s.image_path, ids, answer_ids[s.answers[0]]))
+            before, after = prompt.format(question=s.question).split("<image>")
+            pre = tokenizer(before)["input_ids"]  # with <s>
+            post = tokenizer(after, add_special_tokens=False)["input_ids"]
+            self.items.append((s.image_path, (pre, post), answer_ids[s.answers[0]]))
 
     def __len__(self):
         return len(self.items)
@@ -60,8 +62,8 @@ class Collate:
         tier = self.fixed_tier or random.choice(self.tiers)
         n_img = self.image_tokens[tier]
         seqs = []
-        for _, ids, ans in items:
-            seqs.append([ids[0]] + [self.image_token_id] * n_img + ids[1:] + [ans, self.eos_id])
+        for _, (pre, post), ans in items:
+            seqs.append(pre + [self.image_token_id] * n_img + post + [ans, self.eos_id])
         width = max(map(len, seqs))
         input_ids = torch.full((len(seqs), width), self.pad_id)
         labels = torch.full((len(seqs), width), -100)
@@ -125,6 +127,11 @@ class PretrainModule(L.LightningModule):
         loss, acc = self._loss(batch, self.space.full())
         self.log_dict({"val/loss": loss, "val/acc": acc}, prog_bar=True, batch_size=len(batch["labels"]))
 
+    def on_validation_epoch_end(self):
+        acc = self.trainer.callback_metrics.get("val/acc")
+        if acc is not None:  # one line per validation, so a log file shows the learning curve
+            print(f"step {self.global_step}: val/acc {float(acc):.4f}", flush=True)
+
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
@@ -137,13 +144,19 @@ class PretrainModule(L.LightningModule):
         return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}]
 
 
-def cache_pixels(processor, paths: list[str], tiers: dict[str, int]) -> dict:
+def cache_pixels(processor, paths: list[str], tiers: dict[str, int], cache_file: str | None = None) -> dict:
+    """Pixels of every image at every tier, from the real image processor; reused from cache_file."""
+    if cache_file and Path(cache_file).exists():
+        return torch.load(cache_file)
     images = {p: load_image(p) for p in paths}
     cache = {}
     for tier, side in tiers.items():
         px = processor.image_processor(list(images.values()), size={"height": side, "width": side},
                                        return_tensors="pt")["pixel_values"]
         cache[tier] = dict(zip(images, px))
+    if cache_file:
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(cache, cache_file)
     return cache
 
 
@@ -160,7 +173,8 @@ def main(cfg: DictConfig) -> float:
     tok = processor.tokenizer
     answer_ids = {a: tok.convert_tokens_to_ids(a) for a in easy_vqa.answers()}
     splits = {s: easy_vqa.load(s) for s in ("train", "val", "test")}
-    pixels = cache_pixels(processor, sorted({s.image_path for v in splits.values() for s in v}), tiers)
+    pixels = cache_pixels(processor, sorted({s.image_path for v in splits.values() for s in v}), tiers,
+                          cfg.pixel_cache)
     patch = model.config.vision_config.patch_size
     collate_args = dict(pixels=pixels, image_tokens={t: (s // patch) ** 2 for t, s in tiers.items()},
                         image_token_id=model.config.image_token_id, pad_id=tok.pad_token_id,
@@ -178,7 +192,7 @@ def main(cfg: DictConfig) -> float:
     trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=cfg.epochs)
     trainer.fit(module, loader, val_loader)
 
-    test_loader = torch.utils.data.DataLoader(TieredVQA(splits["test"], tok, answer_ids), batch_size=256,
+    test_loader = torch.utils.data.DataLoader(TieredVQA(splits["test"][: cfg.test_limit], tok, answer_ids), batch_size=256,
                                               collate_fn=Collate(**collate_args, fixed_tier=full_tier))
     module.eval()
     correct = total = 0

@@ -17,8 +17,9 @@ def test_cache_matches_no_cache_for_all_225_configurations(backbone, easy_sample
     configs = backbone.space.configurations()
     assert len(configs) == 225
     for knobs in configs:
-        cached = backbone.generate(images, questions, knobs, max_new_tokens=3, stop_at_eos=False)
-        plain = backbone.generate(images, questions, knobs, max_new_tokens=3, stop_at_eos=False, use_cache=False)
+        # two tokens: the prefill's and one decode step that reads the KV cache of every kept block
+        cached = backbone.generate(images, questions, knobs, max_new_tokens=2, stop_at_eos=False)
+        plain = backbone.generate(images, questions, knobs, max_new_tokens=2, stop_at_eos=False, use_cache=False)
         assert cached.token_ids == plain.token_ids, knobs
 
 
@@ -71,3 +72,22 @@ def test_latency_token_is_hidden_state_after_block_p_minus_1(backbone, easy_samp
                                  output_hidden_states=True)
         # hidden_states[0] is the embedding output, [p] the output of block p-1
         assert torch.allclose(gen.latency_token, out.hidden_states[p][:, -1], atol=1e-5)
+
+
+def test_staged_decision_in_one_pass_equals_static_configuration(backbone, easy_samples):
+    """Stage 2 decides after block p-1 of the serving prefill; the result equals running the chosen
+    configuration statically, and the decision saw the same latency token."""
+    s = easy_samples[5]
+    seen = []
+    for tier, p, k, n in [("low", 1, 4, 12), ("medium", 2, 6, 14), ("high", 5, 8, 16), ("high", 3, 5, 15)]:
+        def decide(token, k=k, n=n):
+            seen.append(token.clone())
+            return k, n
+        staged = backbone.generate([s.load_image()], [s.question], Knobs(tier, p, 8, 16), decide=decide,
+                                   max_new_tokens=3, stop_at_eos=False)
+        static = backbone.generate([s.load_image()], [s.question], Knobs(tier, p, k, n), capture=True,
+                                   max_new_tokens=3, stop_at_eos=False)
+        assert staged.knobs == Knobs(tier, p, k, n)
+        assert staged.token_ids == static.token_ids
+        assert torch.allclose(seen[-1], static.latency_token)
+    assert snapshot(backbone)[3] == 16

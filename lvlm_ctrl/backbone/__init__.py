@@ -35,6 +35,8 @@ class Generation:
     decode_ms: float = 0.0
     latency_token: torch.Tensor | None = None
     token_ids: list[list[int]] = field(default_factory=list)
+    knobs: Knobs | None = None
+    stage2_ms: float = 0.0  # the stage-2 decision, taken inside the prefill and not counted in it
 
     @property
     def total_ms(self) -> float:
@@ -89,8 +91,13 @@ class Backbone:
     @torch.inference_mode()
     def generate(self, images, questions, knobs: Knobs, *, use_cache: bool = True,
                  stop_at_eos: bool = True, capture: bool = False,
-                 max_new_tokens: int | None = None, kept: list[int] | None = None) -> Generation:
-        """Greedy answers for a batch at `knobs`; `kept` overrides the block list (importance uses it)."""
+                 max_new_tokens: int | None = None, kept: list[int] | None = None,
+                 decide=None) -> Generation:
+        """Greedy answers for a batch at `knobs`; `kept` overrides the block list (importance uses it).
+
+        With `decide(latency_token) -> (top_k, num_blocks)`, only knobs.tier and knobs.insertion are
+        fixed up front; stage 2 decides the rest after block p-1 of the same prefill.
+        """
         max_new = max_new_tokens or self.max_new_tokens
         t0 = self._now()
         enc = self.encode(images, questions, knobs.tier)
@@ -100,7 +107,18 @@ class Backbone:
         batch = embeds.shape[0]
         out_ids = torch.empty(batch, 0, dtype=torch.long, device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        blocks = self.hooks.apply(knobs, capture=capture) if kept is None else self.hooks.run_blocks(kept)
+        stage2_s = [0.0]
+        if decide is not None:
+            def timed(token):
+                t = self._now()
+                out = decide(token)
+                stage2_s[0] = self._now() - t
+                return out
+            blocks = self.hooks.staged(knobs.insertion, timed)
+        elif kept is not None:
+            blocks = self.hooks.run_blocks(kept)
+        else:
+            blocks = self.hooks.apply(knobs, capture=capture)
         with blocks as cap:
             cache = DynamicCache() if use_cache else None
             logits = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=self.positions(attn),
@@ -131,8 +149,10 @@ class Backbone:
             answers.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
         n_vision = int((enc["input_ids"][0] == self.image_token_id).sum())
         text = (enc["attention_mask"].sum(-1) - n_vision).tolist()
-        return Generation(answers, n_out, n_vision, text, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3,
-                          cap.latency_token, token_ids)
+        if decide is not None:
+            knobs = Knobs(knobs.tier, knobs.insertion, *cap.decision)
+        return Generation(answers, n_out, n_vision, text, (t1 - t0) * 1e3, (t2 - t1 - stage2_s[0]) * 1e3,
+                          (t3 - t2) * 1e3, cap.latency_token, token_ids, knobs, stage2_s[0] * 1e3)
 
 
 def load_ranking(path: str | Path | None, num_layers: int) -> list[int] | None:

@@ -38,6 +38,7 @@ class Capture:
     """The latency token: hidden state of the last token after block p-1, from the prefill."""
 
     latency_token: torch.Tensor | None = None
+    decision: tuple[int, int] | None = None
 
 
 class KnobHooks:
@@ -48,6 +49,7 @@ class KnobHooks:
         self.routers = [router_of(b) for b in self.blocks]
         self.default_top_k = [r.top_k if r is not None else None for r in self.routers]
         self.ranking = list(ranking) if ranking is not None else list(range(self.num_layers))
+        self._saved_types = getattr(self.decoder.config, "layer_types", None)
         if sorted(self.ranking) != list(range(self.num_layers)):
             raise ValueError(f"block ranking must be a permutation of 0..{self.num_layers - 1}")
 
@@ -65,43 +67,88 @@ class KnobHooks:
     def run_blocks(self, kept: list[int], top_k: int | None = None, top_k_from: int = 0,
                    capture_after: int | None = None):
         """The general form: any kept list with block 0, top_k on routers of blocks >= top_k_from."""
-        if not kept or kept[0] != 0:
-            raise ValueError("block 0 must be kept: the KV cache reads the sequence length from it")
-        config = self.decoder.config
-        saved_types = getattr(config, "layer_types", None)
-        saved_idx = {id(m): m.layer_idx for b in self.blocks for m in b.modules() if hasattr(m, "layer_idx")}
         state = Capture()
-        handle = None
+        saved = self._save()
+        handle = self._capture(state, capture_after) if capture_after is not None else None
         try:
-            for i, router in enumerate(self.routers):
-                if router is not None and top_k is not None and i >= top_k_from:
-                    router.top_k = top_k
-            for new_idx, old_idx in enumerate(kept):
-                for m in self.blocks[old_idx].modules():
-                    if hasattr(m, "layer_idx"):
-                        m.layer_idx = new_idx
-            self.decoder.layers = nn.ModuleList([self.blocks[i] for i in kept])
-            config.num_hidden_layers = len(kept)
-            if saved_types is not None:
-                config.layer_types = [saved_types[i] for i in kept]
-            if capture_after is not None:
-                def grab(_module, _args, output):
-                    if state.latency_token is None:  # the prefill; decode steps come later
-                        hidden = output[0] if isinstance(output, tuple) else output
-                        state.latency_token = hidden[:, -1].detach()
-                handle = self.blocks[capture_after].register_forward_hook(grab)
+            self._configure(kept, top_k, top_k_from)
             yield state
         finally:
             if handle is not None:
                 handle.remove()
-            for i, router in enumerate(self.routers):
-                if router is not None:
-                    router.top_k = self.default_top_k[i]
-            for b in self.blocks:
-                for m in b.modules():
-                    if id(m) in saved_idx:
-                        m.layer_idx = saved_idx[id(m)]
-            self.decoder.layers = nn.ModuleList(self.blocks)
-            config.num_hidden_layers = self.num_layers
-            if saved_types is not None:
-                config.layer_types = saved_types
+            self._restore(saved)
+
+    @contextmanager
+    def staged(self, insertion: int, decide):
+        """Two-stage serving in one forward pass: blocks [0, p) run at the default top_k; after block
+        p-1, `decide(latency_token) -> (top_k, num_blocks)` picks the rest, which then run in the same
+        pass (and in every decode step after it)."""
+        state = Capture()
+        saved = self._save()
+        handle = self._capture(state, insertion - 1)
+        hooks = self
+
+        class Staged(nn.Module):
+            # The decoder iterates self.layers (or a slice of it); this yields the prefix, asks for
+            # the decision, reconfigures the model, then yields the kept blocks after p.
+            def __getitem__(self, _idx):
+                return self
+
+            def __iter__(self):
+                yield from hooks.blocks[:insertion]
+                top_k, num_blocks = decide(state.latency_token)
+                state.decision = (top_k, num_blocks)
+                kept = hooks.kept_blocks(insertion, num_blocks)
+                hooks._configure(kept, top_k, insertion)
+                yield from (hooks.blocks[i] for i in kept[insertion:])
+
+        try:
+            self.decoder.layers = Staged()
+            yield state
+        finally:
+            handle.remove()
+            self._restore(saved)
+
+    # ---- the three moves every path shares ----------------------------------------------
+    def _save(self):
+        config = self.decoder.config
+        return (getattr(config, "layer_types", None),
+                {id(m): m.layer_idx for b in self.blocks for m in b.modules() if hasattr(m, "layer_idx")})
+
+    def _capture(self, state: Capture, block: int):
+        def grab(_module, _args, output):
+            if state.latency_token is None:  # the prefill; decode steps come later
+                hidden = output[0] if isinstance(output, tuple) else output
+                state.latency_token = hidden[:, -1].detach()
+        return self.blocks[block].register_forward_hook(grab)
+
+    def _configure(self, kept: list[int], top_k: int | None, top_k_from: int) -> None:
+        if not kept or kept[0] != 0:
+            raise ValueError("block 0 must be kept: the KV cache reads the sequence length from it")
+        config = self.decoder.config
+        for i, router in enumerate(self.routers):
+            if router is not None and top_k is not None and i >= top_k_from:
+                router.top_k = top_k
+        for new_idx, old_idx in enumerate(kept):
+            for m in self.blocks[old_idx].modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = new_idx
+        self.decoder.layers = nn.ModuleList([self.blocks[i] for i in kept])
+        config.num_hidden_layers = len(kept)
+        if (types := self._saved_types) is not None:
+            config.layer_types = [types[i] for i in kept]
+
+    def _restore(self, saved) -> None:
+        saved_types, saved_idx = saved
+        config = self.decoder.config
+        for i, router in enumerate(self.routers):
+            if router is not None:
+                router.top_k = self.default_top_k[i]
+        for b in self.blocks:
+            for m in b.modules():
+                if id(m) in saved_idx:
+                    m.layer_idx = saved_idx[id(m)]
+        self.decoder.layers = nn.ModuleList(self.blocks)
+        config.num_hidden_layers = self.num_layers
+        if saved_types is not None:
+            config.layer_types = saved_types

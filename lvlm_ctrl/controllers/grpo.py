@@ -1,0 +1,79 @@
+"""The trained two-stage controller at serving time (evaluate, infer).
+
+Stage 1 reads the question (the backbone's tokenizer and input embeddings) and the budget and picks
+(tier, p) before the image is processed; stage 2 runs inside the serving prefill, after block p-1,
+on the latency token, and picks (top_k, num_blocks). Decisions are the argmax. The controller's own
+time (both stages) is reported as its overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from lvlm_ctrl.errors import UserError
+from lvlm_ctrl.grpo.env import language_features
+from lvlm_ctrl.grpo.policy import TwoStagePolicy
+from lvlm_ctrl.knobs import Knobs, KnobSpace
+
+
+def load_policy(ckpt: str | Path) -> tuple[TwoStagePolicy, dict]:
+    path = Path(str(ckpt))
+    if not path.exists():
+        raise UserError(f"checkpoint not found at {path}: train one with python -m lvlm_ctrl.train controller=grpo "
+                        "(it writes <run>/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        hp = ckpt["hyper_parameters"]
+        space = KnobSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in hp["space"].items()})
+        policy = TwoStagePolicy(space, d_model=hp["d_model"], budget_dim=hp["budget_dim"], hidden=hp["hidden"])
+        state = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
+        policy.load_state_dict(state)
+    except (KeyError, RuntimeError, EOFError, TypeError) as err:
+        raise UserError(f"{path} is not a GRPO controller checkpoint ({err.__class__.__name__}: {err}); "
+                        "pass a checkpoint written by python -m lvlm_ctrl.train controller=grpo") from None
+    return policy.eval(), hp
+
+
+class GRPOController:
+    name = "grpo"
+
+    def __init__(self, ckpt: str | None = None, **_train_options):
+        self.ckpt = ckpt
+        self.policy: TwoStagePolicy | None = None
+
+    def bind(self, backbone) -> "GRPOController":
+        if not self.ckpt:
+            raise UserError("controller=grpo needs ckpt=PATH (a checkpoint written by python -m lvlm_ctrl.train)")
+        self.policy, self.hparams = load_policy(self.ckpt)
+        if self.policy.space != backbone.space:
+            raise UserError(f"checkpoint {self.ckpt} was trained for another knob space ({self.policy.space}) "
+                            f"than this backbone's ({backbone.space})")
+        return self
+
+    def default_budgets(self, n: int) -> list[float]:
+        lo, hi = self.hparams["feasible_ms"]
+        return [float(b) for b in torch.linspace(lo, hi, n)]
+
+    @torch.inference_mode()
+    def serve(self, backbone, question: str, image, budget_ms: float):
+        """Answer one request; returns (Generation with the chosen knobs, controller overhead in ms)."""
+        t0 = time.perf_counter()
+        budget = torch.tensor([float(budget_ms)])
+        feat = self.policy.budget(budget)
+        lang = language_features(backbone, [question])
+        d_tier, d_ins = self.policy.stage1_dists(lang, feat)
+        tier_i, ins_i = d_tier.probs.argmax(-1), d_ins.probs.argmax(-1)
+        space = self.policy.space
+        stage1_ms = (time.perf_counter() - t0) * 1e3
+
+        def stage2(token):
+            d_topk, d_blocks = self.policy.stage2_dists(token.float().cpu(), feat, ins_i)
+            p = space.insertions[int(ins_i)]
+            return space.top_ks[int(d_topk.probs.argmax())], space.num_blocks_options(p)[0] + int(d_blocks.probs.argmax())
+
+        knobs = Knobs(space.tiers[int(tier_i)], space.insertions[int(ins_i)], max(space.top_ks), space.num_layers)
+        gen = backbone.generate([image], [question], knobs, decide=stage2)
+        return gen, stage1_ms + gen.stage2_ms

@@ -1,0 +1,96 @@
+"""The training environment: what a sampled configuration scores, read from an offline profile.
+
+Every (sample, configuration) of the profiled split was already run, so a rollout is a batched
+table lookup: accuracy from the recorded answer, latency measured (or predicted by the latency
+model with the request's token counts). The stage inputs come from the backbone itself: the
+language feature (its tokenizer and input embeddings, mean-pooled) and the latency token after
+every insertion point at every tier (one full-model prefill per sample and tier: blocks [0, p) run
+at the default top_k whatever is decided later, so these are the tokens serving would see).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lvlm_ctrl.errors import UserError
+from lvlm_ctrl.grpo.policy import Decision
+from lvlm_ctrl.knobs import KnobSpace
+
+
+class ProfileEnv:
+    def __init__(self, df: pd.DataFrame, space: KnobSpace, latency_model=None):
+        if df.empty:
+            raise UserError("the GRPO environment needs a non-empty profile (profile.path)")
+        self.space = space
+        self.sample_ids = sorted(df["sample_id"].astype(str).unique())
+        index = {s: i for i, s in enumerate(self.sample_ids)}
+        shape = (len(self.sample_ids), len(space.tiers), len(space.insertions), len(space.top_ks),
+                 space.max_block_options)
+        self.accuracy = torch.full(shape, float("nan"))
+        self.latency = torch.full(shape, float("nan"))
+        lat = df["T_total_ms"].to_numpy(float) if latency_model is None else latency_model.predict_frame(df)
+        tiers = {t: i for i, t in enumerate(space.tiers)}
+        try:
+            ti = df["tier"].map(tiers).to_numpy()
+            pi = np.array([space.insertions.index(int(p)) for p in df["insertion"]])
+            ki = np.array([space.top_ks.index(int(k)) for k in df["top_k"]])
+        except ValueError as err:
+            raise UserError(f"profile holds knob values outside this backbone's space ({err})") from None
+        ni = df["num_blocks"].to_numpy(int) - (df["insertion"].to_numpy(int) + space.min_kept_after)
+        si = df["sample_id"].astype(str).map(index).to_numpy()
+        self.accuracy[si, ti, pi, ki, ni] = torch.tensor(df["accuracy"].to_numpy(float), dtype=torch.float32)
+        self.latency[si, ti, pi, ki, ni] = torch.tensor(lat, dtype=torch.float32)
+        per_config = torch.nanmean(self.latency.reshape(len(self.sample_ids), -1), dim=0)
+        self.feasible = (float(np.nanmin(per_config.numpy())), float(np.nanmax(per_config.numpy())))
+        self.tier_cost = torch.arange(1, len(space.tiers) + 1, dtype=torch.float32) / len(space.tiers)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def outcome(self, sample_idx: torch.Tensor, d: Decision) -> tuple[torch.Tensor, torch.Tensor]:
+        acc = self.accuracy[sample_idx, d.tier, d.insertion, d.top_k, d.num_blocks]
+        lat = self.latency[sample_idx, d.tier, d.insertion, d.top_k, d.num_blocks]
+        if torch.isnan(acc).any() or torch.isnan(lat).any():
+            raise UserError("a sampled configuration is missing from the profile: profile every configuration "
+                            "of the training samples (python -m lvlm_ctrl.profile)")
+        return acc, lat
+
+    def complexity(self, d: Decision) -> torch.Tensor:
+        """Relative cost in [0, 1]: tier x top_k x active blocks, normalised by the full model."""
+        s = self.space
+        top_k = torch.tensor(s.top_ks, dtype=torch.float32)[d.top_k] / max(s.top_ks)
+        ins = torch.tensor(s.insertions)[d.insertion]
+        blocks = (ins + s.min_kept_after + d.num_blocks).float() / s.num_layers
+        return self.tier_cost[d.tier] * top_k * blocks
+
+
+@torch.inference_mode()
+def language_features(backbone, questions: list[str]) -> torch.Tensor:
+    """Stage 1's input: the backbone's own tokenizer and input embeddings, mean-pooled (no copy)."""
+    emb = backbone.model.get_input_embeddings()
+    tok = backbone.tokenizer(questions, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = tok["input_ids"].to(backbone.device), tok["attention_mask"].to(backbone.device).float()
+    vecs = emb(ids) * mask[..., None]
+    return (vecs.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)).float().cpu()
+
+
+@torch.inference_mode()
+def latency_tokens(backbone, samples, batch_size: int = 64) -> torch.Tensor:
+    """(S, tiers, P, d): hidden state of the last token after block p-1, per tier and insertion."""
+    space = backbone.space
+    out = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        images, questions = [s.load_image() for s in chunk], [s.question for s in chunk]
+        per_tier = []
+        for tier in space.tiers:
+            enc = backbone.encode(images, questions, tier)
+            attn = enc["attention_mask"]
+            hs = backbone.model(inputs_embeds=backbone.embed(enc), attention_mask=attn,
+                                position_ids=backbone.positions(attn), output_hidden_states=True,
+                                logits_to_keep=1).hidden_states
+            per_tier.append(torch.stack([hs[p][:, -1] for p in space.insertions], dim=1))
+        out.append(torch.stack(per_tier, dim=1).float().cpu())
+    return torch.cat(out)

@@ -1,0 +1,133 @@
+"""The GRPO LightningModule: the frozen backbone's features, the two heads, group sampling.
+
+One training step, per batch of samples: draw a budget per sample, sample G configurations per
+(sample, budget) from the current policy, score them (ProfileEnv), normalise rewards within each
+group, and take `num_iterations` clipped policy-gradient steps on those rollouts (manual
+optimisation). Validation takes the argmax configuration at a grid of budgets.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
+from lvlm_ctrl.grpo.policy import Decision, TwoStagePolicy
+from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
+
+HEADS = ("tier", "insertion", "top_k", "num_blocks")
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(self, policy: TwoStagePolicy, env, lang: torch.Tensor, tokens: torch.Tensor, budgets,
+                 reward: RewardConfig, group_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0,
+                 clip_eps: float = 0.2, kl_coef: float = 0.0, entropy_coef: float = 0.01, num_iterations: int = 1,
+                 scale_rewards: str = "group", val_budgets: list[float] | None = None, val_idx=None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy
+        self.ref_policy = copy.deepcopy(policy).requires_grad_(False) if kl_coef else None
+        self.env, self.budgets, self.reward = env, budgets, reward
+        self.register_buffer("lang", lang, persistent=False)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.group_size, self.lr, self.weight_decay = group_size, lr, weight_decay
+        self.clip_eps, self.kl_coef, self.entropy_coef = clip_eps, kl_coef, entropy_coef
+        self.num_iterations, self.scale_rewards = num_iterations, scale_rewards
+        self.val_budgets = list(val_budgets or [])
+        self.val_idx = val_idx
+        self.val_acc = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
+        self.val_violation = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
+        self.val_ratio = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
+        self.save_hyperparameters({"group_size": group_size, "lr": lr, "clip_eps": clip_eps, "kl_coef": kl_coef,
+                                   "entropy_coef": entropy_coef, "num_iterations": num_iterations,
+                                   "scale_rewards": scale_rewards, "reward": vars(reward),
+                                   "feasible_ms": list(env.feasible), "space": vars(policy.space),
+                                   "d_model": policy.stage1[0].in_features - policy.budget.dim,
+                                   "budget_dim": policy.budget.dim, "hidden": policy.stage1[0].out_features})
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.policy.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    # ---- rollouts ----------------------------------------------------------------------
+    def rollout(self, idx: torch.Tensor):
+        g = self.group_size
+        budget = self.budgets.sample(len(idx)).to(self.lang.device)
+        rows = idx.repeat_interleave(g)
+        budget_rows = budget.repeat_interleave(g)
+        lang, tokens = self.lang[rows], self.tokens[rows]
+        decision = self.policy.act(lang, tokens, budget_rows)
+        acc, lat = self.env.outcome(rows.cpu(), _cpu(decision))
+        comps = reward_components(self.reward, acc, lat, budget_rows.cpu(), self.env.complexity(_cpu(decision)))
+        return rows, budget_rows, lang, tokens, decision, comps, acc, lat
+
+    def training_step(self, batch, batch_idx):
+        idx = batch[0] if isinstance(batch, (list, tuple)) else batch
+        opt = self.optimizers()
+        rows, budget, lang, tokens, decision, comps, acc, lat = self.rollout(idx)
+        rewards = total_reward(comps).to(self.lang.device)
+        adv, zero_std = group_advantages(rewards.view(-1, self.group_size), self.scale_rewards)
+        adv = adv.reshape(-1)
+        with torch.no_grad():
+            logp_old, _ = self.policy.log_prob_and_entropy(lang, tokens, budget, decision)
+            logp_ref = (self.ref_policy.log_prob_and_entropy(lang, tokens, budget, decision)[0]
+                        if self.ref_policy is not None else logp_old)
+        for _ in range(self.num_iterations):
+            logp, ent = self.policy.log_prob_and_entropy(lang, tokens, budget, decision)
+            entropy = torch.stack(list(ent.values())).sum(0)
+            loss, stats = grpo_loss(logp, logp_old, adv, self.clip_eps, logp_ref, self.kl_coef, entropy,
+                                    self.entropy_coef)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        n = len(idx)
+        log = {"train/loss": loss.detach(), "train/reward_mean": rewards.mean(), "train/reward_std": rewards.std(),
+               "train/frac_zero_std_groups": zero_std, "train/clip_ratio": stats["clip_ratio"],
+               "train/kl": stats["kl"], "train/accuracy": acc.mean(), "train/violation_rate": (lat > budget.cpu()).float().mean(),
+               "train/latency_over_budget": (lat / budget.cpu()).mean()}
+        for name, value in comps.items():
+            log[f"reward/{name}_mean"] = value.mean()
+            log[f"reward/{name}_std"] = value.std()
+        for name, value in ent.items():
+            log[f"entropy/{name}"] = value.mean().detach()
+        for head in HEADS:
+            choice = getattr(decision, head).float()
+            log[f"knobs/{head}_mean_index"] = choice.mean()
+        self.log_dict({k: float(v) for k, v in log.items()}, batch_size=n, prog_bar=False)
+        self.log("reward", float(rewards.mean()), prog_bar=True, batch_size=n)
+
+    # ---- validation: argmax at a grid of budgets ------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        idx = batch[0] if isinstance(batch, (list, tuple)) else batch
+        for i, b in enumerate(self.val_budgets):
+            budget = torch.full((len(idx),), b, device=self.lang.device)
+            d = self.policy.act(self.lang[idx], self.tokens[idx], budget, greedy=True)
+            acc, lat = self.env.outcome(idx.cpu(), _cpu(d))
+            self.val_acc[i].update(acc.to(self.device))
+            self.val_violation[i].update((lat > b).float().to(self.device))
+            self.val_ratio[i].update((lat / b).to(self.device))
+
+    def on_validation_epoch_end(self):
+        accs = [m.compute() for m in self.val_acc]  # torchmetrics syncs across processes here
+        viols = [m.compute() for m in self.val_violation]
+        for b, a, v, m in zip(self.val_budgets, accs, viols, self.val_ratio):
+            self.log_dict({f"val_curve/accuracy@{b:.0f}ms": a, f"val_curve/violation@{b:.0f}ms": v,
+                           f"val_curve/latency_over_budget@{b:.0f}ms": m.compute()})
+        for metrics in (self.val_acc, self.val_violation, self.val_ratio):
+            for m in metrics:
+                m.reset()
+        if len(self.val_budgets) > 1:
+            xs = torch.tensor(self.val_budgets)
+            auc = torch.trapezoid(torch.stack(accs).cpu(), xs) / (xs[-1] - xs[0])
+        else:
+            auc = torch.stack(accs).mean().cpu()
+        self.log("val/auc", auc, prog_bar=True)
+        self.log("val/accuracy", torch.stack(accs).mean())
+        self.log("val/violation_rate", torch.stack(viols).mean())
+        self.curve = [(b, float(a), float(v)) for b, a, v in zip(self.val_budgets, accs, viols)]
+
+
+def _cpu(d: Decision) -> Decision:
+    return Decision(d.tier.cpu(), d.insertion.cpu(), d.top_k.cpu(), d.num_blocks.cpu())

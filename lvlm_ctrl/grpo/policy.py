@@ -1,0 +1,114 @@
+"""The two-stage policy (seeds/000): stage 1 picks (tier, p) from the question and the budget
+before the image is seen; stage 2 picks (top_k, num_blocks) from the latency token of the serving
+forward pass. log pi(config) is the sum of the four heads' log-probabilities; num_blocks options
+that are invalid at p are masked, so they are never sampled and carry no probability.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributions import Categorical
+
+from lvlm_ctrl.knobs import Knobs, KnobSpace
+
+MASKED = -1e9
+
+
+class BudgetEncoding(nn.Module):
+    """Sinusoidal features of log(budget) (256-d), then an MLP."""
+
+    def __init__(self, dim: int = 256, hidden: int = 256, min_ms: float = 1.0, max_ms: float = 1e5):
+        super().__init__()
+        self.dim = dim
+        freqs = torch.exp(torch.linspace(0, math.log(1000.0), dim // 2))
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.log_min, self.log_max = math.log(min_ms), math.log(max_ms)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, budget_ms: torch.Tensor) -> torch.Tensor:
+        x = (torch.log(budget_ms.float().clamp(min=1e-3)) - self.log_min) / (self.log_max - self.log_min)
+        angles = x[:, None] * self.freqs[None] * math.pi
+        return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=-1))
+
+
+def mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+@dataclass
+class Decision:
+    """Indices into the knob space's options, one per head; (B,) long tensors."""
+
+    tier: torch.Tensor
+    insertion: torch.Tensor
+    top_k: torch.Tensor
+    num_blocks: torch.Tensor
+
+    def knobs(self, space: KnobSpace) -> list[Knobs]:
+        out = []
+        for t, p, k, n in zip(self.tier.tolist(), self.insertion.tolist(), self.top_k.tolist(), self.num_blocks.tolist()):
+            ins = space.insertions[p]
+            out.append(Knobs(space.tiers[t], ins, space.top_ks[k], space.num_blocks_options(ins)[0] + n))
+        return out
+
+
+class TwoStagePolicy(nn.Module):
+    def __init__(self, space: KnobSpace, d_model: int, budget_dim: int = 256, hidden: int = 256):
+        super().__init__()
+        self.space = space
+        self.budget = BudgetEncoding(budget_dim)
+        self.stage1 = mlp(d_model + budget_dim, hidden, len(space.tiers) + len(space.insertions))
+        self.insertion_embed = nn.Embedding(len(space.insertions), 32)
+        self.stage2 = mlp(d_model + budget_dim + 32, hidden, len(space.top_ks) + space.max_block_options)
+        self.n_tier = len(space.tiers)
+        self.n_topk = len(space.top_ks)
+
+    # ---- logits ------------------------------------------------------------------------
+    def stage1_logits(self, lang: torch.Tensor, budget_feat: torch.Tensor):
+        out = self.stage1(torch.cat([lang, budget_feat], dim=-1))
+        return out[:, : self.n_tier], out[:, self.n_tier:]
+
+    def stage2_logits(self, latency_token: torch.Tensor, budget_feat: torch.Tensor, insertion_idx: torch.Tensor):
+        x = torch.cat([latency_token, budget_feat, self.insertion_embed(insertion_idx)], dim=-1)
+        out = self.stage2(x)
+        ins = torch.tensor(self.space.insertions, device=insertion_idx.device)[insertion_idx]
+        mask = self.space.num_blocks_mask(ins)
+        # a large finite negative, not -inf: probability exactly 0, and no 0 * inf = NaN in gradients
+        blocks = out[:, self.n_topk:].masked_fill(~mask, MASKED)
+        return out[:, : self.n_topk], blocks
+
+    # ---- distributions -----------------------------------------------------------------
+    def stage1_dists(self, lang, budget_feat):
+        tier, ins = self.stage1_logits(lang, budget_feat)
+        return Categorical(logits=tier), Categorical(logits=ins)
+
+    def stage2_dists(self, latency_token, budget_feat, insertion_idx):
+        topk, blocks = self.stage2_logits(latency_token, budget_feat, insertion_idx)
+        return Categorical(logits=topk), Categorical(logits=blocks)
+
+    def log_prob_and_entropy(self, lang, latency_tokens, budget_ms, decision: Decision):
+        """latency_tokens: (B, tiers, P, d), the token after each insertion at each tier (rows vary in both)."""
+        feat = self.budget(budget_ms)
+        d_tier, d_ins = self.stage1_dists(lang, feat)
+        tok = latency_tokens[torch.arange(len(decision.insertion)), decision.tier, decision.insertion]
+        d_topk, d_blocks = self.stage2_dists(tok, feat, decision.insertion)
+        logp = (d_tier.log_prob(decision.tier) + d_ins.log_prob(decision.insertion)
+                + d_topk.log_prob(decision.top_k) + d_blocks.log_prob(decision.num_blocks))
+        entropy = {"tier": d_tier.entropy(), "insertion": d_ins.entropy(), "top_k": d_topk.entropy(),
+                   "num_blocks": d_blocks.entropy()}
+        return logp, entropy
+
+    @torch.no_grad()
+    def act(self, lang, latency_tokens, budget_ms, greedy: bool = False) -> Decision:
+        """Sample (or argmax) a decision per row; latency_tokens (B, tiers, P, d) as above."""
+        feat = self.budget(budget_ms)
+        d_tier, d_ins = self.stage1_dists(lang, feat)
+        pick = (lambda d: d.probs.argmax(-1)) if greedy else (lambda d: d.sample())
+        tier, ins = pick(d_tier), pick(d_ins)
+        tok = latency_tokens[torch.arange(len(ins)), tier, ins]
+        d_topk, d_blocks = self.stage2_dists(tok, feat, ins)
+        return Decision(tier, ins, pick(d_topk), pick(d_blocks))

@@ -1,0 +1,45 @@
+"""Reward = accuracy minus budget-violation penalties (seeds/000); every term and weight is config.
+
+    accuracy            w * acc
+    violation_sq        -w * max(0, (lat - budget) / budget) ** 2     squared relative violation
+    violation_rel       -w * max(0, (lat - budget) / budget)          linear relative violation
+    latency_sigmoid     -w * sigmoid((lat / budget - 1) / temperature) soft penalty near the budget
+    complexity          -w * relative cost of the configuration (tier x top_k x blocks, in [0, 1])
+    efficiency          +w * (1 - lat / budget) when within budget and correct
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RewardConfig:
+    accuracy: float = 1.0
+    violation_sq: float = 2.0
+    violation_rel: float = 1.0
+    latency_sigmoid: float = 0.0
+    sigmoid_temperature: float = 0.05
+    complexity: float = 0.0
+    efficiency: float = 0.05
+
+
+def reward_components(cfg: RewardConfig, accuracy: torch.Tensor, latency: torch.Tensor, budget: torch.Tensor,
+                      complexity: torch.Tensor) -> dict[str, torch.Tensor]:
+    over = ((latency - budget) / budget).clamp(min=0)
+    ratio = latency / budget
+    within = (latency <= budget).float()
+    return {
+        "accuracy": cfg.accuracy * accuracy,
+        "violation_sq": -cfg.violation_sq * over.pow(2),
+        "violation_rel": -cfg.violation_rel * over,
+        "latency_sigmoid": -cfg.latency_sigmoid * torch.sigmoid((ratio - 1) / cfg.sigmoid_temperature),
+        "complexity": -cfg.complexity * complexity,
+        "efficiency": cfg.efficiency * (1 - ratio).clamp(min=0) * within * (accuracy > 0).float(),
+    }
+
+
+def total_reward(components: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(components.values())).sum(0)

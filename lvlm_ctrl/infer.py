@@ -1,0 +1,92 @@
+"""Answer questions about images under a latency budget.
+
+    python -m lvlm_ctrl.infer ckpt=outputs/train/<run>/checkpoints/last.ckpt image=cat.png \\
+        question="what color is the shape?" budget_ms=60
+    python -m lvlm_ctrl.infer controller=lookup controller.table=.../lookup_table.json image=... ...
+
+From Python:
+
+    from lvlm_ctrl.infer import BudgetedVQA
+    vqa = BudgetedVQA.from_run("outputs/train/<run>")            # the run's model and controller
+    vqa.answer([("a.png", "what shape is it?", 60.0), ...])      # one dict per request
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lvlm_ctrl.data import VQASample, load_image
+from lvlm_ctrl.errors import UserError, cli
+from lvlm_ctrl.evaluate import serve
+
+
+def check_request(image, question, budget_ms) -> float:
+    if image is None or str(image).strip() == "":
+        raise UserError("no image given: pass image=PATH")
+    if question is None or not str(question).strip():
+        raise UserError("the question is empty: pass question=\"...\"")
+    try:
+        budget = float(budget_ms)
+    except (TypeError, ValueError):
+        raise UserError(f"budget_ms {budget_ms!r} is not a number: give the latency budget in milliseconds") from None
+    if math.isnan(budget) or math.isinf(budget) or budget <= 0:
+        raise UserError(f"budget_ms must be a positive, finite number of milliseconds, got {budget_ms!r}")
+    return budget
+
+
+class BudgetedVQA:
+    def __init__(self, backbone, controller):
+        self.backbone, self.controller = backbone, controller
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "BudgetedVQA":
+        backbone = hydra.utils.instantiate(cfg.model)
+        return cls(backbone, hydra.utils.instantiate(cfg.controller).bind(backbone))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str = "last.ckpt") -> "BudgetedVQA":
+        """A train run's model and controller, from the config Hydra saved in the run directory."""
+        run = Path(run_dir)
+        cfg_file = run / ".hydra" / "config.yaml"
+        if not cfg_file.exists():
+            raise UserError(f"{run} is not a train run directory (no .hydra/config.yaml)")
+        cfg = OmegaConf.load(cfg_file)
+        if (run / "lookup_table.json").exists():
+            cfg.controller.table = str(run / "lookup_table.json")
+        else:
+            cfg.controller.ckpt = str(run / "checkpoints" / checkpoint)
+        return cls.from_config(cfg)
+
+    def answer(self, requests) -> list[dict]:
+        """requests: (image path or PIL image, question, budget_ms) triples."""
+        out = []
+        for image, question, budget_ms in requests:
+            budget = check_request(image, question, budget_ms)
+            img = load_image(image) if isinstance(image, (str, Path)) else image
+            sample = VQASample("request", str(image), str(question), ())
+            gen, knobs, overhead = serve(self.backbone, self.controller, sample, img, budget)
+            total = gen.total_ms + overhead
+            out.append({"answer": gen.answers[0], "knobs": knobs.as_dict(), "budget_ms": budget,
+                        "latency_ms": total, "within_budget": total <= budget,
+                        "stages_ms": {"vision": gen.vision_ms, "prefill": gen.prefill_ms, "decode": gen.decode_ms,
+                                      "controller": overhead}})
+        return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
+@cli
+def main(cfg: DictConfig) -> None:
+    budget = check_request(cfg.image, cfg.question, cfg.budget_ms)
+    image = load_image(cfg.image)  # a missing or corrupt image fails before any model loads
+    vqa = BudgetedVQA.from_config(cfg)
+    result = vqa.answer([(image, cfg.question, budget)])[0]
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""GRPO pieces: sampling and masking, log-probabilities, advantages, the loss on a hand-checked case."""
+
+import math
+
+import pytest
+import torch
+
+from lvlm_ctrl.grpo.budgets import Fixed, Normal, Trace, Uniform
+from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
+from lvlm_ctrl.grpo.policy import Decision, TwoStagePolicy
+from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
+from lvlm_ctrl.errors import UserError
+from lvlm_ctrl.knobs import KnobSpace
+
+D = 16
+
+
+def policy_and_inputs(batch=512, seed=0):
+    torch.manual_seed(seed)
+    space = KnobSpace()
+    policy = TwoStagePolicy(space, d_model=D, hidden=32)
+    lang = torch.randn(batch, D)
+    tokens = torch.randn(batch, len(space.tiers), len(space.insertions), D)
+    budget = torch.rand(batch) * 100 + 20
+    return space, policy, lang, tokens, budget
+
+
+def test_sampling_never_picks_invalid_num_blocks():
+    space, policy, lang, tokens, budget = policy_and_inputs()
+    for _ in range(5):
+        d = policy.act(lang, tokens, budget)
+        for knobs in d.knobs(space):
+            space.validate(knobs)  # raises if num_blocks is invalid at p
+        assert {int(p) for p in d.insertion} == {0, 1, 2, 3, 4}  # every insertion gets sampled
+    at_p5 = d.num_blocks[d.insertion == 4]
+    assert (at_p5 == 0).all()  # only one option (16 blocks) at p=5
+
+
+def test_log_prob_is_sum_of_four_heads_and_normalised():
+    space, policy, lang, tokens, budget = policy_and_inputs(batch=1)
+    total = 0.0
+    for t in range(3):
+        for p in range(5):
+            for k in range(5):
+                for n in range(len(space.num_blocks_options(space.insertions[p]))):
+                    d = Decision(*(torch.tensor([v]) for v in (t, p, k, n)))
+                    logp, _ = policy.log_prob_and_entropy(lang, tokens, budget, d)
+                    total += math.exp(logp.item())
+    assert total == pytest.approx(1.0, abs=1e-5)  # a distribution over exactly the 225 configurations
+    d = Decision(torch.tensor([0]), torch.tensor([4]), torch.tensor([0]), torch.tensor([1]))  # n invalid at p=5
+    logp, _ = policy.log_prob_and_entropy(lang, tokens, budget, d)
+    assert logp.item() < -1e6
+
+
+def test_entropy_and_gradients_are_finite_with_masking():
+    space, policy, lang, tokens, budget = policy_and_inputs(batch=64)
+    d = policy.act(lang, tokens, budget)
+    logp, ent = policy.log_prob_and_entropy(lang, tokens, budget, d)
+    (logp.mean() + sum(e.mean() for e in ent.values())).backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+    assert (ent["num_blocks"] >= 0).all() and torch.isfinite(ent["num_blocks"]).all()
+
+
+def test_greedy_is_argmax_and_deterministic():
+    space, policy, lang, tokens, budget = policy_and_inputs(batch=8)
+    a = policy.act(lang, tokens, budget, greedy=True)
+    b = policy.act(lang, tokens, budget, greedy=True)
+    assert all(torch.equal(getattr(a, h), getattr(b, h)) for h in ("tier", "insertion", "top_k", "num_blocks"))
+
+
+def test_group_advantages_including_zero_std_groups():
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    adv, zero = group_advantages(rewards, "group")
+    assert torch.allclose(adv[0], torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    assert torch.equal(adv[1], torch.zeros(4)) and zero.item() == 0.5
+    adv_none, _ = group_advantages(rewards, "none")
+    assert torch.allclose(adv_none[0], torch.tensor([0.5, -0.5, 0.5, -0.5]))
+    adv_batch, _ = group_advantages(rewards, "batch")
+    assert torch.allclose(adv_batch[0], torch.tensor([0.5, -0.5, 0.5, -0.5]) / rewards.std(unbiased=False))
+    assert not torch.isnan(group_advantages(torch.ones(3, 1), "group")[0]).any()
+    with pytest.raises(ValueError):
+        group_advantages(rewards, "median")
+
+
+def test_grpo_loss_hand_checked():
+    logp_old = torch.log(torch.tensor([0.5, 0.5, 0.2]))
+    logp = torch.log(torch.tensor([0.8, 0.25, 0.2]))  # ratios 1.6, 0.5, 1.0
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    loss, stats = grpo_loss(logp, logp_old, adv, clip_eps=0.2)
+    # row 0: min(1.6*1, 1.2*1) = 1.2; row 1: min(0.5*-1, 0.8*-1) = -0.8; row 2: 2.0
+    assert loss.item() == pytest.approx(-(1.2 - 0.8 + 2.0) / 3)
+    assert stats["clip_ratio"].item() == pytest.approx(2 / 3)
+    loss_kl, stats_kl = grpo_loss(logp, logp_old, adv, 0.2, logp_ref=logp_old, kl_coef=0.1,
+                                  entropy=torch.tensor([1.0, 1.0, 1.0]), entropy_coef=0.5)
+    delta = logp_old - logp
+    kl = (torch.exp(delta) - delta - 1).mean()
+    assert loss_kl.item() == pytest.approx(loss.item() + 0.1 * kl.item() - 0.5)
+    assert stats_kl["kl"].item() == pytest.approx(kl.item())
+
+
+def test_reward_terms():
+    cfg = RewardConfig(accuracy=1.0, violation_sq=2.0, violation_rel=1.0, latency_sigmoid=0.5, complexity=0.1,
+                       efficiency=0.2)
+    comps = reward_components(cfg, torch.tensor([1.0, 1.0]), torch.tensor([50.0, 150.0]), torch.tensor([100.0, 100.0]),
+                              torch.tensor([0.5, 1.0]))
+    assert comps["violation_sq"].tolist() == pytest.approx([0.0, -2 * 0.25])
+    assert comps["violation_rel"].tolist() == pytest.approx([0.0, -0.5])
+    assert comps["efficiency"].tolist() == pytest.approx([0.2 * 0.5, 0.0])
+    assert comps["complexity"].tolist() == pytest.approx([-0.05, -0.1])
+    assert comps["latency_sigmoid"][0].item() > -0.01 and comps["latency_sigmoid"][1].item() < -0.49
+    assert total_reward(comps)[0].item() > total_reward(comps)[1].item()
+
+
+def test_budget_distributions(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    u = Uniform().bind((10.0, 50.0)).sample(1000, g)
+    assert u.min() >= 10 and u.max() <= 50
+    assert torch.equal(Fixed(30).sample(3), torch.full((3,), 30.0))
+    assert (Normal().bind((10.0, 50.0)).sample(100, g) > 0).all()
+    trace = tmp_path / "budgets.txt"
+    trace.write_text("10\n20\n30\n")
+    t = Trace(str(trace))
+    assert t.sample(2).tolist() == [10, 20] and t.sample(2).tolist() == [30, 10]
+    trace.write_text("10\nfast\n")
+    with pytest.raises(UserError, match="non-number"):
+        Trace(str(trace))
+    with pytest.raises(UserError):
+        Uniform(50, 10).bind((1, 2)).sample(1)

@@ -1,0 +1,98 @@
+"""train through the real composed config (hydra.compose), a real Lightning Trainer and real files."""
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from lvlm_ctrl.controllers.grpo import load_policy
+from lvlm_ctrl.data import build_dataset
+from lvlm_ctrl.errors import UserError
+from lvlm_ctrl.profiling import write_part
+from lvlm_ctrl.train import train_grpo, train_lookup
+from tests.conftest import ROOT, error_line, run_cli
+from tests.test_lookup import synthetic_profile
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def profile_dir(tmp_path_factory):
+    """A synthetic profile over the first N easy-VQA val questions (ids the real dataset has)."""
+    ids = [s.sample_id for s in build_dataset("easy_vqa", "val", limit=N).samples]
+    df = synthetic_profile(n_samples=N)
+    df["sample_id"] = df["sample_id"].map({f"s{i}": ids[i] for i in range(N)})
+    path = tmp_path_factory.mktemp("profile")
+    write_part(path, "part-0.parquet", df.to_dict("records"))
+    return path
+
+
+def compose_train(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True, overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def test_grpo_fast_dev_run(tmp_path, profile_dir):
+    cfg = compose_train(tmp_path, "controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}",
+                        "logger=csv", "+trainer.fast_dev_run=true", "controller.group_size=4")
+    score = train_grpo(cfg)
+    assert 0.0 <= score <= 1.0
+
+
+def test_grpo_trains_checkpoints_and_resumes(tmp_path, profile_dir):
+    args = ["controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}", "logger=csv",
+            "trainer.max_steps=6", "trainer.val_check_interval=3", "controller.batch_size=8"]
+    train_grpo(compose_train(tmp_path, *args))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert last.exists() and (tmp_path / "checkpoints" / "best.ckpt").exists()
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+    policy, hp = load_policy(last)
+    assert hp["group_size"] == 4 or hp["group_size"] == 8
+    train_grpo(compose_train(tmp_path, *args[:-3], "trainer.max_steps=9", "trainer.val_check_interval=3",
+                             "controller.batch_size=8", "ckpt_path=last"))
+    assert torch.load(last, weights_only=False)["global_step"] == 9  # resumed at 6, not restarted
+    metrics = (tmp_path / "csv").rglob("metrics.csv")
+    header = next(metrics).read_text().splitlines()[0]
+    for key in ("train/reward_mean", "train/frac_zero_std_groups", "train/clip_ratio", "entropy/tier",
+                "reward/violation_sq_mean", "val/auc", "knobs/tier_mean_index"):
+        assert key in header
+
+
+def test_lookup_train_writes_table(tmp_path, profile_dir):
+    train_lookup(compose_train(tmp_path, "controller=lookup", f"profile.path={profile_dir}"))
+    table = json.loads((tmp_path / "lookup_table.json").read_text())
+    assert len(table["tables"]["all"]) == 225 and table["options"]["latency_quantile"] == 0.9
+
+
+def test_train_without_profile_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="no profile records"):
+        train_lookup(compose_train(tmp_path, "controller=lookup", f"profile.path={tmp_path / 'none'}"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["image=/no/such.png", "question=what?", "budget_ms=50"], "image not found"),
+    (["image=IMG", "question=", "budget_ms=50"], "question is empty"),
+    (["image=IMG", "question=what?", "budget_ms=nan"], "positive, finite"),
+    (["image=IMG", "question=what?", "budget_ms=-1"], "positive, finite"),
+    (["image=IMG", "question=what?", "budget_ms=soon"], "not a number"),
+    (["image=IMG", "question=what?", "budget_ms=50", "ckpt=/no/ckpt"], "checkpoint not found"),
+    (["image=BAD", "question=what?", "budget_ms=50"], "unreadable image"),
+])
+def test_infer_bad_input(tmp_path, overrides, message):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
+    overrides = [o.replace("IMG", str(tmp_path / "ok.png")).replace("BAD", str(tmp_path / "bad.png"))
+                 for o in overrides]
+    proc = run_cli("lvlm_ctrl.infer", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert message in error_line(proc) and "Traceback" not in proc.stderr
