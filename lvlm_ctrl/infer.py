@@ -14,12 +14,12 @@ From Python:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lvlm_ctrl.controllers.lookup import check_budget
 from lvlm_ctrl.data import VQASample, load_image
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.evaluate import serve
@@ -30,13 +30,7 @@ def check_request(image, question, budget_ms) -> float:
         raise UserError("no image given: pass image=PATH")
     if question is None or not str(question).strip():
         raise UserError("the question is empty: pass question=\"...\"")
-    try:
-        budget = float(budget_ms)
-    except (TypeError, ValueError):
-        raise UserError(f"budget_ms {budget_ms!r} is not a number: give the latency budget in milliseconds") from None
-    if math.isnan(budget) or math.isinf(budget) or budget <= 0:
-        raise UserError(f"budget_ms must be a positive, finite number of milliseconds, got {budget_ms!r}")
-    return budget
+    return check_budget(budget_ms)
 
 
 class BudgetedVQA:
