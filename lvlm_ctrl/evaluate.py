@@ -12,7 +12,6 @@ last generated token, plus the controller's own decision time.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,8 +20,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from lvlm_ctrl.controllers.lookup import check_budget
 from lvlm_ctrl.controllers.static import StaticController
-from lvlm_ctrl.errors import UserError, cli
+from lvlm_ctrl.errors import cli
 from lvlm_ctrl.io import atomic_write_json, command, machine
 from lvlm_ctrl.metrics import vqa_score
 from lvlm_ctrl.plots import accuracy_vs_budget, load_summaries
@@ -34,16 +34,7 @@ def parse_budgets(values) -> list[float | None]:
         return [None]
     if isinstance(values, (int, float, str)):
         values = [values]
-    budgets = []
-    for v in values:
-        try:
-            b = float(v)
-        except (TypeError, ValueError):
-            raise UserError(f"budget {v!r} is not a number: give eval.budgets_ms=[ms, ...] as positive numbers") from None
-        if math.isnan(b) or b <= 0 or math.isinf(b):
-            raise UserError(f"budget {v!r} must be a positive, finite number of milliseconds")
-        budgets.append(b)
-    return budgets
+    return [check_budget(v) for v in values]
 
 
 def serve(backbone, controller, sample, image, budget_ms):
