@@ -69,7 +69,8 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
 
 
 def build_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, image_token_id: int,
-                 hidden_size: int = 64, expert_size: int = 16, num_blocks: int = 16) -> LlavaConfig:
+                 hidden_size: int = 64, expert_size: int = 16, num_blocks: int = 16,
+                 init_std: float = 0.02) -> LlavaConfig:
     vision = SiglipVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         image_size=NATIVE_IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=3,
@@ -79,7 +80,7 @@ def build_config(vocab_size: int, pad_id: int, bos_id: int, eos_id: int, image_t
         num_hidden_layers=num_blocks, num_attention_heads=4, num_key_value_heads=4,
         num_experts=64, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=512,
         pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False,
-        router_aux_loss_coef=0.01,
+        router_aux_loss_coef=0.01, initializer_range=init_std,
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=image_token_id,

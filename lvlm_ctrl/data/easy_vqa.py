@@ -38,6 +38,26 @@ def vocabulary() -> list[str]:
     return easy_vqa.get_train_questions()[0] + easy_vqa.get_test_questions()[0] + easy_vqa.get_answers()
 
 
+SHAPES = ("circle", "rectangle", "triangle")
+COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+
+
+def image_attributes(samples: list[VQASample]) -> dict[str, tuple[str | None, str | None]]:
+    """(colour, shape) of each image, as far as its questions tell: open questions name them."""
+    found: dict[str, list] = {}
+    for s in samples:
+        color, shape = found.setdefault(s.image_path, [None, None])
+        answer = s.answers[0]
+        if answer in COLORS:
+            found[s.image_path][0] = answer
+        elif answer in SHAPES:  # "what is the red shape?" names the colour too
+            found[s.image_path][1] = answer
+            named = [w for w in s.question.rstrip("?").split() if w in COLORS]
+            if named:
+                found[s.image_path][0] = named[0]
+    return {path: tuple(v) for path, v in found.items()}
+
+
 def answers() -> list[str]:
     import easy_vqa
 
