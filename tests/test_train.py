@@ -70,7 +70,7 @@ def test_grpo_trains_checkpoints_and_resumes(tmp_path, profile_dir):
 def test_lookup_train_writes_table(tmp_path, profile_dir):
     train_lookup(compose_train(tmp_path, "controller=lookup", f"profile.path={profile_dir}"))
     table = json.loads((tmp_path / "lookup_table.json").read_text())
-    assert len(table["tables"]["all"]) == 225 and table["options"]["latency_quantile"] == 0.9
+    assert len(table["tables"]["all"]) == 225 and table["options"]["latency_quantile"] == 0.95
 
 
 def test_train_without_profile_is_a_clear_error(tmp_path):
