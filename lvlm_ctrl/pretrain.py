@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from lvlm_ctrl.backbone import EMBEDDED
+from lvlm_ctrl.backbone import EMBEDDED, set_experts_implementation
 from lvlm_ctrl.backbone.hooks import KnobHooks
 from lvlm_ctrl.backbone.tiny_moe import PROMPT, build
 from lvlm_ctrl.data import easy_vqa
@@ -240,7 +240,7 @@ def main(cfg: DictConfig) -> float:
     torch.set_num_threads(cfg.threads)
     model, processor = build(easy_vqa.vocabulary(), seed=cfg.seed, **cfg.sizes)
     # grouped_mm has a CPU kernel in torch >= 2.10: 2x faster than the eager loop for a training step.
-    model.config.text_config._experts_implementation = cfg.experts_implementation
+    set_experts_implementation(model, cfg.experts_implementation)
     tiers = dict(cfg.model.tiers)
     space = KnobSpace(tiers=tuple(tiers), num_layers=model.config.text_config.num_hidden_layers)
     tok = processor.tokenizer

@@ -168,6 +168,13 @@ def load_ranking(path: str | Path | None, num_layers: int) -> list[int] | None:
     return ranking
 
 
+def set_experts_implementation(model, name: str | None) -> None:
+    """Pick the MoE experts kernel. Set on the text config (read at every forward) because
+    from_pretrained(experts_implementation="grouped_mm") refuses LLaVA-style wrappers."""
+    if name:
+        model.config.get_text_config()._experts_implementation = name
+
+
 def load_backbone(path: str | None = None, tiers: dict | None = None, importance: str | None = None,
                   prompt: str = "{question}", max_new_tokens: int = 8, device: str = "cpu",
                   dtype: str = "float32", experts_implementation: str | None = "batched_mm",
@@ -178,11 +185,10 @@ def load_backbone(path: str | None = None, tiers: dict | None = None, importance
         raise UserError(f"no model checkpoint at {root}: pass model.path=DIR holding config.json and weights "
                         "(python -m lvlm_ctrl.pretrain writes one)")
     hf_logging.disable_progress_bar()
-    kwargs = {"dtype": getattr(torch, dtype), "local_files_only": True}
-    if experts_implementation:
-        kwargs["experts_implementation"] = experts_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(root, **kwargs).to(device)
+        model = AutoModelForImageTextToText.from_pretrained(root, dtype=getattr(torch, dtype),
+                                                            local_files_only=True).to(device)
+        set_experts_implementation(model, experts_implementation)
         processor = AutoProcessor.from_pretrained(root, local_files_only=True)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the backbone at {root}: {str(err).splitlines()[0]}") from None
