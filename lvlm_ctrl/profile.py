@@ -13,6 +13,7 @@ the times (fast; for yardsticks such as the oracle on a large split).
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -71,12 +72,19 @@ def main(cfg: DictConfig) -> None:
     done = set(map(tuple, done_df[["sample_id", *KNOB_COLUMNS]].astype(str).values)) if len(done_df) else set()
     configs = backbone.space.configurations()
     chunk_size = int(cfg.profile.batch_size)
+    # Sweep all configurations (shuffled) over one chunk of samples before the next chunk: each
+    # configuration's requests are spread over the whole run, so the machine's speed drifting over
+    # minutes shifts every configuration alike instead of biasing whichever ran in a slow spell.
     todo = []
-    for ci, knobs in enumerate(configs):
-        key = tuple(str(v) for v in knobs.as_dict().values())
-        pending = [s for s in samples if (s.sample_id, *key) not in done]
-        for start in range(0, len(pending), chunk_size):
-            todo.append((ci, knobs, pending[start:start + chunk_size]))
+    for start in range(0, len(samples), chunk_size):
+        sweep = []
+        for ci, knobs in enumerate(configs):
+            key = tuple(str(v) for v in knobs.as_dict().values())
+            pending = [s for s in samples[start:start + chunk_size] if (s.sample_id, *key) not in done]
+            if pending:
+                sweep.append((ci, knobs, pending))
+        random.Random(start).shuffle(sweep)
+        todo.extend(sweep)
     total = len(samples) * len(configs)
     print(f"{total - sum(len(c) for _, _, c in todo)} of {total} records already in {path}; "
           f"{len(todo)} units to run")

@@ -52,7 +52,8 @@ def read_profile(path: str | Path, required: bool = True) -> pd.DataFrame:
         raise UserError(f"profile at {path} lacks columns {sorted(missing)}; it was not written by lvlm_ctrl.profile")
     if df.empty and required:
         raise UserError(f"the profile at {path} is empty: profile at least one sample")
-    return df
+    # a merge killed before it removed its parts leaves each record twice; the latest copy wins
+    return df.drop_duplicates(KEY, keep="last", ignore_index=True)
 
 
 def write_part(directory: Path, name: str, records: list[dict]) -> Path:
@@ -66,11 +67,15 @@ def write_part(directory: Path, name: str, records: list[dict]) -> Path:
 
 
 def merge(path: str | Path, out: str | Path) -> pd.DataFrame:
-    """All parts (shards included) into one Parquet file, one row per key."""
-    df = read_profile(path).drop_duplicates(KEY, keep="last").sort_values(KEY).reset_index(drop=True)
+    """All parts (shards included) into one Parquet file, one row per key; the merged parts go."""
+    parts = part_files(path)
+    df = read_profile(path).sort_values(KEY).reset_index(drop=True)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), tmp)
     os.replace(tmp, out)
+    for part in parts:
+        if part.resolve() != out.resolve():
+            part.unlink()
     return df

@@ -174,3 +174,39 @@ def test_lookup_controller_decides_knobs():
     knobs = ctrl.decide(None, 70.0)
     assert isinstance(knobs, Knobs) and KnobSpace().validate(knobs)
     assert len(ctrl.default_budgets(10)) == 10
+
+
+def test_query_cli_and_its_bad_input(tmp_path):
+    from tests.conftest import error_line, run_cli
+
+    path = LookupTable.build(synthetic_profile(n_samples=3)).save(tmp_path / "t.json")
+    proc = run_cli("lvlm_ctrl.controllers.lookup", str(path), "30", "80")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [a["budget_ms"] for a in answers] == [30, 80] and answers[0]["latency"] <= answers[1]["latency"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for args, message in [([str(bad), "30"], "malformed lookup table"), ([str(path), "0"], "budget"),
+                          ([str(path), "nan"], "budget"), ([str(path), "soon"], "budget"),
+                          ([str(tmp_path / "none.json"), "30"], "lookup table not found")]:
+        proc = run_cli("lvlm_ctrl.controllers.lookup", *args)
+        assert proc.returncode == 2 and error_line(proc).startswith("error: ") and message in error_line(proc)
+        assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
+
+
+def test_mismatched_table_and_empty_profile_fail_the_cli(tmp_path):
+    from tests.conftest import error_line, run_cli
+
+    table = LookupTable.build(synthetic_profile(n_samples=3))
+    path = table.save(tmp_path / "t.json")
+    data = json.loads(path.read_text())
+    data["tables"]["all"][0]["tier"] = "ultra"
+    path.write_text(json.dumps(data))
+    proc = run_cli("lvlm_ctrl.evaluate", "controller=lookup", f"controller.table={path}", "data.limit=2",
+                   f"hydra.run.dir={tmp_path / 'eval'}")
+    assert proc.returncode == 2 and "does not match this backbone" in error_line(proc)
+    empty = tmp_path / "empty"
+    write_part(empty, "part.parquet", [])
+    proc = run_cli("lvlm_ctrl.train", "controller=lookup", f"profile.path={empty}", f"hydra.run.dir={tmp_path / 'tr'}")
+    assert proc.returncode == 2 and "is empty" in error_line(proc)
+    assert not (tmp_path / "tr" / "lookup_table.json").exists()

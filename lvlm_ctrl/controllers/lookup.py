@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lvlm_ctrl.errors import UserError
+from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_json
 from lvlm_ctrl.knobs import Knobs
 from lvlm_ctrl.profiling import KNOB_COLUMNS
@@ -229,3 +229,27 @@ class LookupController:
     def decide(self, sample, budget_ms) -> Knobs:
         c = self.table.predict(budget_ms, dataset=self.dataset)
         return Knobs(c["tier"], c["insertion"], c["top_k"], c["num_active_blocks"])
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    """Query a table for a list of budgets: python -m lvlm_ctrl.controllers.lookup TABLE 20 35 50."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m lvlm_ctrl.controllers.lookup", description=main.__doc__)
+    ap.add_argument("table")
+    ap.add_argument("budgets_ms", nargs="+")
+    ap.add_argument("--dataset", default=None, help="a per-dataset table by name (default: all pooled)")
+    ap.add_argument("--candidates", action="store_true", help="every configuration that fits, best first")
+    a = ap.parse_args(argv)
+    table = LookupTable.load(a.table)
+    budgets = [check_budget(b) for b in a.budgets_ms]  # all checked before anything is printed
+    for b in budgets:
+        if a.candidates:
+            print(json.dumps({"budget_ms": b, "candidates": table.predict(b, True, a.dataset)}))
+        else:
+            print(json.dumps({"budget_ms": b, **table.predict(b, dataset=a.dataset)}))
+
+
+if __name__ == "__main__":
+    main()

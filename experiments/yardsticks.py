@@ -1,0 +1,134 @@
+"""The evaluation yardsticks of the embedded default, end to end (issue 3's acceptance run).
+
+    python experiments/yardsticks.py [--val 300] [--test 1000] [--kill-after 900]
+
+1. profile the val split at every configuration (measured latency), SIGKILLed after --kill-after
+   seconds and started again, then counts the unique rows (must be val x 225);
+2. profile_report: per-configuration aggregates and the Pareto frontier;
+3. latency_model: fit on the val profile, held-out MAPE;
+4. train controller=lookup: the lookup table from the val profile;
+5. profile the test split with latency=predicted (answers batched, times from the latency model):
+   the oracle's per-sample view of the test split;
+6. evaluate static-full, lookup and oracle on the test split at the lookup's 10 budgets, latency
+   measured at batch size 1.
+Each step writes into outputs/experiments/yardsticks/; a rerun skips finished steps (the profile
+resumes). The figures and commands land in outputs/experiments/yardsticks.json. Run it alone:
+two shared cores skew every latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from lvlm_ctrl.io import atomic_write_json, machine  # noqa: E402
+from lvlm_ctrl.profiling import KEY, read_profile  # noqa: E402
+
+OUT = ROOT / "outputs" / "experiments" / "yardsticks"
+steps: dict[str, dict] = {}
+
+
+def run(name: str, args: list[str], done: Path | None = None, kill_after: float | None = None) -> None:
+    """python -m <args>, timed; skipped when `done` exists; SIGKILLed once after kill_after seconds."""
+    cmd = [sys.executable, "-m", *args]
+    if done is not None and done.exists():
+        print(f"[{name}] done already: {done}")
+        return
+    print(f"[{name}] {' '.join(['python -m', *args])}", flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    try:
+        proc.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        steps[f"{name}_killed_after_s"] = {"seconds": round(time.time() - t0, 1)}
+        print(f"[{name}] SIGKILLed after {time.time() - t0:.0f} s; starting it again", flush=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT)
+        proc.wait()
+    if proc.returncode != 0:
+        raise SystemExit(f"[{name}] failed with exit code {proc.returncode}")
+    steps[name] = {"command": " ".join(["python -m", *args]), "wall_s": round(time.time() - t0, 1)}
+
+
+def results(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--val", type=int, default=300)
+    ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--kill-after", type=float, default=900.0, help="seconds into the val profile; 0 = no kill")
+    a = ap.parse_args()
+    val_profile, test_profile = OUT / f"profile-val-{a.val}", OUT / f"profile-test-{a.test}"
+    lat_model, report_dir, lookup_dir = OUT / "latency_model.json", OUT / "profile_report", OUT / "lookup"
+    test_data = ["data.split=test", f"data.limit={a.test}"]
+
+    run("profile_val", ["lvlm_ctrl.profile", "data.split=val", f"data.limit={a.val}",
+                        f"profile.path={val_profile}", f"hydra.run.dir={OUT / 'runs/profile_val'}"],
+        kill_after=a.kill_after or None)
+    df = read_profile(val_profile)
+    rows = {"records": len(df), "unique_keys": int((~df.duplicated(KEY)).sum()),
+            "expected": a.val * 225, "samples": int(df["sample_id"].nunique())}
+    print(f"val profile: {rows}")
+    run("profile_report", ["lvlm_ctrl.profile_report", f"profile.path={val_profile}",
+                           f"hydra.run.dir={report_dir}"], done=report_dir / "pareto.json")
+    run("latency_model", ["lvlm_ctrl.latency_model", f"profile.path={val_profile}", f"output={lat_model}",
+                          f"hydra.run.dir={OUT / 'runs/latency_model'}"], done=lat_model)
+    run("lookup", ["lvlm_ctrl.train", "controller=lookup", f"profile.path={val_profile}",
+                   f"hydra.run.dir={lookup_dir}"], done=lookup_dir / "lookup_table.json")
+    # answers in batches of 64 with the grouped expert kernel (same answers, far faster on CPU)
+    run("profile_test", ["lvlm_ctrl.profile", *test_data, "latency=predicted", f"latency.model={lat_model}",
+                         "profile.batch_size=64", "model.experts_implementation=grouped_mm",
+                         f"profile.path={test_profile}", f"hydra.run.dir={OUT / 'runs/profile_test'}"],
+        done=test_profile / "done")
+    (test_profile / "done").touch()
+
+    from lvlm_ctrl.controllers.lookup import LookupTable
+
+    lo, hi = LookupTable.load(lookup_dir / "lookup_table.json").feasible_range()
+    budgets = [round(lo + (hi - lo) * i / 9, 2) for i in range(10)]
+    grid = f"eval.budgets_ms=[{','.join(map(str, budgets))}]"
+    evals = {
+        "static_full": ["controller=static"],
+        "lookup": ["controller=lookup", f"controller.table={lookup_dir / 'lookup_table.json'}"],
+        "oracle": ["controller=oracle", f"profile.path={test_profile}"],
+    }
+    summaries = {}
+    for name, overrides in evals.items():
+        d = OUT / "eval" / name
+        compare = [str(OUT / "eval" / n / "eval_summary.json") for n in evals if n != name and (OUT / "eval" / n).exists()]
+        run(f"evaluate_{name}", ["lvlm_ctrl.evaluate", *overrides, *test_data, grid, f"hydra.run.dir={d}",
+                                 f"eval.compare=[{','.join(compare)}]"], done=d / "eval_summary.json")
+        summaries[name] = results(d / "eval_summary.json")
+
+    table = [{"budget_ms": b, **{f"{n}_{k}": s["results"][i][k] for n, s in summaries.items()
+                                 for k in ("accuracy", "violation_rate", "median_latency_ms")}}
+             for i, b in enumerate(budgets)]
+    report = {
+        "val_profile": rows, "pareto_span": results(report_dir / "pareto.json")["span"],
+        "latency_model_mape": results(lat_model)["meta"]["held_out_mape"],
+        "budgets_ms": budgets, "auc": {n: s["auc"] for n, s in summaries.items()}, "table": table,
+        "max_lookup_violation": max(r["lookup_violation_rate"] for r in table),
+        "steps": steps, "machine": machine(),
+    }
+    atomic_write_json(OUT.with_suffix(".json"), report)
+    print(f"{'budget':>8} | " + " | ".join(f"{n:>20}" for n in summaries))
+    for r in table:
+        print(f"{r['budget_ms']:8.1f} | " + " | ".join(
+            f"{r[n + '_accuracy']:.3f} viol {r[n + '_violation_rate']:.3f}" for n in summaries))
+    print(json.dumps({k: report[k] for k in ("val_profile", "pareto_span", "latency_model_mape", "auc",
+                                             "max_lookup_violation")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
