@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from lvlm_ctrl.io import atomic_write_json, machine  # noqa: E402
-from lvlm_ctrl.profiling import KEY, read_profile  # noqa: E402
+from lvlm_ctrl.profiling import read_profile, stored_rows  # noqa: E402
 
 OUT = ROOT / "outputs" / "experiments" / "yardsticks"
 steps: dict[str, dict] = {}
@@ -77,7 +77,7 @@ def main() -> None:
                         f"profile.path={val_profile}", f"hydra.run.dir={OUT / 'runs/profile_val'}"],
         kill_after=a.kill_after or None)
     df = read_profile(val_profile)
-    rows = {"records": len(df), "unique_keys": int((~df.duplicated(KEY)).sum()),
+    rows = {"records": stored_rows(val_profile), "unique_keys": len(df),
             "expected": a.val * 225, "samples": int(df["sample_id"].nunique())}
     print(f"val profile: {rows}")
     run("profile_report", ["lvlm_ctrl.profile_report", f"profile.path={val_profile}",

@@ -75,11 +75,11 @@ def main(cfg: DictConfig) -> None:
     # Sweep all configurations (shuffled) over one chunk of samples before the next chunk: each
     # configuration's requests are spread over the whole run, so the machine's speed drifting over
     # minutes shifts every configuration alike instead of biasing whichever ran in a slow spell.
+    keys = [tuple(str(v) for v in knobs.as_dict().values()) for knobs in configs]
     todo = []
     for start in range(0, len(samples), chunk_size):
         sweep = []
-        for ci, knobs in enumerate(configs):
-            key = tuple(str(v) for v in knobs.as_dict().values())
+        for ci, (knobs, key) in enumerate(zip(configs, keys)):
             pending = [s for s in samples[start:start + chunk_size] if (s.sample_id, *key) not in done]
             if pending:
                 sweep.append((ci, knobs, pending))

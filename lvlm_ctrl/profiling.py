@@ -56,6 +56,11 @@ def read_profile(path: str | Path, required: bool = True) -> pd.DataFrame:
     return df.drop_duplicates(KEY, keep="last", ignore_index=True)
 
 
+def stored_rows(path: str | Path) -> int:
+    """Rows as written on disk, before read_profile drops duplicate keys: what resume must keep exact."""
+    return sum(pq.read_metadata(f).num_rows for f in part_files(path))
+
+
 def write_part(directory: Path, name: str, records: list[dict]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(records, schema=SCHEMA)
