@@ -13,9 +13,19 @@ install: .venv/.installed
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-# The main job on the embedded default (static full configuration until the GRPO controller lands).
+# The main job on the embedded default: profile VAL val questions at all 225 configurations
+# (measured latency; resumes if stopped), train the GRPO controller on that profile (W&B offline
+# run under $(RUN)/train/wandb), evaluate it on TEST test questions at 10 budgets. ~25 min on 2 cores.
+RUN ?= outputs/run
+VAL ?= 150
+TEST ?= 1000
 run: install
-	$(PY) -m lvlm_ctrl.evaluate controller=static data.split=test data.limit=2000
+	$(PY) -m lvlm_ctrl.profile data.split=val data.limit=$(VAL) profile.path=$(RUN)/profile-val-$(VAL) \
+		hydra.run.dir=$(RUN)/profile
+	$(PY) -m lvlm_ctrl.train controller=grpo budget=uniform data.limit=$(VAL) \
+		profile.path=$(RUN)/profile-val-$(VAL) hydra.run.dir=$(RUN)/train
+	$(PY) -m lvlm_ctrl.evaluate controller=grpo ckpt=$(RUN)/train/checkpoints/best.ckpt \
+		data.split=test data.limit=$(TEST) hydra.run.dir=$(RUN)/eval
 
 test: install
 	$(PY) -m pytest

@@ -9,8 +9,10 @@
 4. train controller=lookup: the lookup table from the val profile;
 5. profile the test split with latency=predicted (answers batched, times from the latency model):
    the oracle's per-sample view of the test split;
-6. evaluate static-full, lookup and oracle on the test split at the lookup's 10 budgets, latency
-   measured at batch size 1.
+6. train the GRPO controller (python -m lvlm_ctrl.train controller=grpo, the defaults) on the val
+   profile;
+7. evaluate static-full, lookup, grpo and oracle on the test split at the lookup's 10 budgets,
+   latency measured at batch size 1 (--fresh-evals: again, e.g. on another machine or day).
 Each step writes into outputs/experiments/yardsticks/; a rerun skips finished steps (the profile
 resumes). The figures and commands land in outputs/experiments/yardsticks.json. Run it alone:
 two shared cores skew every latency.
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=300)
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--kill-after", type=float, default=900.0, help="seconds into the val profile; 0 = no kill")
+    ap.add_argument("--fresh-evals", action="store_true", help="rerun the evaluations (not the profiles)")
     a = ap.parse_args()
     val_profile, test_profile = OUT / f"profile-val-{a.val}", OUT / f"profile-test-{a.test}"
     lat_model, report_dir, lookup_dir = OUT / "latency_model.json", OUT / "profile_report", OUT / "lookup"
@@ -93,6 +96,10 @@ def main() -> None:
         done=test_profile / "done")
     (test_profile / "done").touch()
 
+    grpo_dir = OUT / "grpo"
+    run("train_grpo", ["lvlm_ctrl.train", "controller=grpo", "budget=uniform", f"profile.path={val_profile}",
+                       f"data.limit={a.val}", f"hydra.run.dir={grpo_dir}"], done=grpo_dir / "checkpoints" / "best.ckpt")
+
     from lvlm_ctrl.controllers.lookup import LookupTable
 
     lo, hi = LookupTable.load(lookup_dir / "lookup_table.json").feasible_range()
@@ -101,12 +108,17 @@ def main() -> None:
     evals = {
         "static_full": ["controller=static"],
         "lookup": ["controller=lookup", f"controller.table={lookup_dir / 'lookup_table.json'}"],
+        "grpo": ["controller=grpo", f"ckpt={grpo_dir / 'checkpoints' / 'best.ckpt'}"],
         "oracle": ["controller=oracle", f"profile.path={test_profile}"],
     }
+    if a.fresh_evals:  # one session's latencies: compare controllers measured on the same day
+        for name in evals:
+            (OUT / "eval" / name / "eval_summary.json").unlink(missing_ok=True)
     summaries = {}
     for name, overrides in evals.items():
         d = OUT / "eval" / name
-        compare = [str(OUT / "eval" / n / "eval_summary.json") for n in evals if n != name and (OUT / "eval" / n).exists()]
+        compare = [str(OUT / "eval" / n / "eval_summary.json") for n in evals
+                   if n != name and (OUT / "eval" / n / "eval_summary.json").exists()]
         run(f"evaluate_{name}", ["lvlm_ctrl.evaluate", *overrides, *test_data, grid, f"hydra.run.dir={d}",
                                  f"eval.compare=[{','.join(compare)}]"], done=d / "eval_summary.json")
         summaries[name] = results(d / "eval_summary.json")
@@ -119,6 +131,13 @@ def main() -> None:
         "latency_model_mape": results(lat_model)["meta"]["held_out_mape"],
         "budgets_ms": budgets, "auc": {n: s["auc"] for n, s in summaries.items()}, "table": table,
         "max_lookup_violation": max(r["lookup_violation_rate"] for r in table),
+        "max_grpo_violation": max(r["grpo_violation_rate"] for r in table),
+        "grpo_minus_lookup_min_points": round(100 * min(r["grpo_accuracy"] - r["lookup_accuracy"] for r in table), 2),
+        # the share of the lookup-to-oracle AUC gap that GRPO closes (1 = as good as the oracle)
+        "grpo_gap_share": (summaries["grpo"]["auc"] - summaries["lookup"]["auc"])
+        / (summaries["oracle"]["auc"] - summaries["lookup"]["auc"]),
+        "controller_overhead_ms": {n: sorted(r["controller_overhead_ms"] for r in s["results"])[len(s["results"]) // 2]
+                                   for n, s in summaries.items()},
         "steps": steps, "machine": machine(),
     }
     atomic_write_json(OUT.with_suffix(".json"), report)
@@ -127,7 +146,9 @@ def main() -> None:
         print(f"{r['budget_ms']:8.1f} | " + " | ".join(
             f"{r[n + '_accuracy']:.3f} viol {r[n + '_violation_rate']:.3f}" for n in summaries))
     print(json.dumps({k: report[k] for k in ("val_profile", "pareto_span", "latency_model_mape", "auc",
-                                             "max_lookup_violation")}, indent=1))
+                                             "max_lookup_violation", "max_grpo_violation",
+                                             "grpo_minus_lookup_min_points", "grpo_gap_share",
+                                             "controller_overhead_ms")}, indent=1))
 
 
 if __name__ == "__main__":

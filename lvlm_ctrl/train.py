@@ -7,7 +7,7 @@
 
 Both controllers learn from the offline profile at profile.path (python -m lvlm_ctrl.profile): the
 lookup table aggregates it; GRPO uses it as its environment (grpo/env.py). Returns the sweep
-objective (validation AUC for grpo).
+objective (for grpo the best val/auc_in_budget).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def train_grpo(cfg: DictConfig) -> float:
     val_budgets = torch.linspace(*env.feasible, c.val_num_budgets).tolist()
     module = GRPOModule(policy, env, lang, tokens, budgets, RewardConfig(**c.reward), group_size=c.group_size,
                         lr=c.lr, clip_eps=c.clip_eps, kl_coef=c.kl_coef, entropy_coef=c.entropy_coef,
-                        num_iterations=c.num_iterations, scale_rewards=c.scale_rewards, val_budgets=val_budgets)
+                        num_iterations=c.num_iterations, scale_rewards=c.scale_rewards,
+                        stage2_warmup_steps=c.stage2_warmup_steps, val_budgets=val_budgets)
     train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_idx), batch_size=c.batch_size,
                                                shuffle=True, drop_last=len(train_idx) > c.batch_size)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(val_idx), batch_size=len(val_idx))
@@ -81,9 +82,9 @@ def train_grpo(cfg: DictConfig) -> float:
         logger.log_table("val/accuracy_vs_budget", columns=["budget_ms", "accuracy", "violation_rate"],
                          data=[list(r) for r in module.curve])
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
-    score = float(best) if best is not None else float(trainer.callback_metrics.get("val/auc", 0.0))
+    score = float(best) if best is not None else float(trainer.callback_metrics.get("val/auc_in_budget", 0.0))
     if trainer.is_global_zero:
-        print(f"best validation AUC {score:.4f}; checkpoints in {Path(cfg.paths.output_dir) / 'checkpoints'}")
+        print(f"best val/auc_in_budget {score:.4f}; checkpoints in {Path(cfg.paths.output_dir) / 'checkpoints'}")
     return score
 
 

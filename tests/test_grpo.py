@@ -7,7 +7,8 @@ import torch
 
 from lvlm_ctrl.grpo.budgets import Fixed, Normal, Trace, Uniform
 from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
-from lvlm_ctrl.grpo.policy import Decision, TwoStagePolicy
+from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
+from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy
 from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.knobs import KnobSpace
@@ -66,6 +67,38 @@ def test_greedy_is_argmax_and_deterministic():
     a = policy.act(lang, tokens, budget, greedy=True)
     b = policy.act(lang, tokens, budget, greedy=True)
     assert all(torch.equal(getattr(a, h), getattr(b, h)) for h in ("tier", "insertion", "top_k", "num_blocks"))
+
+
+def test_stage2_warmup_samples_stage1_uniformly_and_trains_only_stage2():
+    space, policy, lang, tokens, budget = policy_and_inputs(batch=3000)
+    with torch.no_grad():
+        policy.stage1[-1].bias[: len(space.tiers)] = torch.tensor([20.0, 0.0, 0.0])  # stage 1 all but sure: low
+    assert (policy.act(lang, tokens, budget).tier == 0).float().mean() > 0.99
+    d = policy.act(lang, tokens, budget, uniform_stage1=True)
+    shares = torch.bincount(d.tier, minlength=3).float() / len(d.tier)
+    assert torch.allclose(shares, torch.full((3,), 1 / 3), atol=0.04)
+    logp, _ = policy.log_prob_and_entropy(lang, tokens, budget, d, heads=STAGE2)
+    logp.mean().backward()
+    assert all(p.grad is None or not p.grad.any() for p in policy.stage1.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in policy.stage2.parameters())
+
+
+def test_argmax_kernel_matches_the_policy():
+    """The serving path (numpy, budget folded into the first layers) decides as TwoStagePolicy.act does."""
+    space, policy, lang, tokens, budget = policy_and_inputs(batch=300, seed=3)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(3)  # sharper logits, so that ties are rare and every option shows up
+    greedy = policy.act(lang, tokens, budget, greedy=True)
+    kernel = ArgmaxKernel(policy, D)
+    got = []
+    for i in range(len(lang)):
+        b = float(budget[i])
+        t, p = kernel.stage1(lang[i].numpy(), b)
+        k, n = kernel.stage2(tokens[i, t, p].numpy(), b, p, len(space.num_blocks_options(space.insertions[p])))
+        got.append((t, p, k, n))
+    assert got == list(zip(*(getattr(greedy, h).tolist() for h in HEADS)))
+    assert len({g[1] for g in got}) > 1 and len({g[0] for g in got}) > 1
 
 
 def test_group_advantages_including_zero_std_groups():

@@ -6,11 +6,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from lvlm_ctrl.controllers.grpo import load_policy
 from lvlm_ctrl.data import build_dataset
 from lvlm_ctrl.errors import UserError
+from lvlm_ctrl.knobs import Knobs
 from lvlm_ctrl.profiling import write_part
 from lvlm_ctrl.train import train_grpo, train_lookup
 from tests.conftest import ROOT, error_line, run_cli
@@ -51,20 +52,48 @@ def test_grpo_trains_checkpoints_and_resumes(tmp_path, profile_dir):
     args = ["controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}", "logger=csv",
             "trainer.log_every_n_steps=1", "trainer.max_steps=6", "trainer.val_check_interval=3",
             "controller.batch_size=8"]
-    train_grpo(compose_train(tmp_path, *args))
+    cfg = compose_train(tmp_path, *args)
+    train_grpo(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.exists() and (tmp_path / "checkpoints" / "best.ckpt").exists()
     first = torch.load(last, weights_only=False)["global_step"]
     assert first >= 3  # written at a validation
     policy, hp = load_policy(last)
-    assert hp["group_size"] == 8 and policy.space.num_layers == 16
+    assert hp["group_size"] == cfg.controller.group_size and policy.space.num_layers == 16
     train_grpo(compose_train(tmp_path, *args[:-3], "trainer.max_steps=9", "trainer.val_check_interval=3",
                              "controller.batch_size=8", "ckpt_path=last"))
     assert torch.load(last, weights_only=False)["global_step"] > first  # resumed from last, went on
     header = ",".join(f.read_text().splitlines()[0] for f in (tmp_path / "csv").rglob("metrics.csv"))
     for key in ("train/reward_mean", "train/frac_zero_std_groups", "train/clip_ratio", "entropy/tier",
-                "reward/violation_sq_mean", "val/auc", "knobs/tier_mean_index"):
+                "reward/violation_sq_mean", "val/auc", "val/auc_in_budget", "knobs/tier_mean_index"):
         assert key in header
+
+
+def test_budgeted_vqa_from_a_train_run(tmp_path, profile_dir):
+    """The Python entry point: load a train run (its saved config and checkpoint), answer a batch."""
+    from PIL import Image
+
+    from lvlm_ctrl.infer import BudgetedVQA
+
+    cfg = compose_train(tmp_path, "controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}",
+                        "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "controller.batch_size=8")
+    train_grpo(cfg)
+    (tmp_path / ".hydra").mkdir()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # what Hydra writes into every run
+    vqa = BudgetedVQA.from_run(tmp_path)
+    sample = build_dataset("easy_vqa", "test", limit=1).samples[0]
+    image = sample.load_image()
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(tmp_path / "blue.png")
+    out = vqa.answer([(image, sample.question, 30.0), (str(tmp_path / "blue.png"), "what color is the shape?", 1e4)])
+    assert len(out) == 2
+    for r in out:
+        vqa.backbone.space.validate(Knobs(**r["knobs"]))
+        assert r["answer"] and r["latency_ms"] > 0 and r["stages_ms"]["controller"] > 0
+        assert r["within_budget"] == (r["latency_ms"] <= r["budget_ms"])
+    with pytest.raises(UserError, match="not a train run"):
+        BudgetedVQA.from_run(tmp_path / "checkpoints")
 
 
 def test_lookup_train_writes_table(tmp_path, profile_dir):

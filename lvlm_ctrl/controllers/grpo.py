@@ -2,8 +2,8 @@
 
 Stage 1 reads the question (the backbone's tokenizer and input embeddings) and the budget and picks
 (tier, p) before the image is processed; stage 2 runs inside the serving prefill, after block p-1,
-on the latency token, and picks (top_k, num_blocks). Decisions are the argmax. The controller's own
-time (both stages) is reported as its overhead.
+on the latency token, and picks (top_k, num_blocks). Decisions are the argmax (argmax_kernel.py).
+The controller's own time (both stages) is reported as its overhead.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
 from lvlm_ctrl.errors import UserError
-from lvlm_ctrl.grpo.env import language_features
 from lvlm_ctrl.grpo.policy import TwoStagePolicy
 from lvlm_ctrl.knobs import Knobs, KnobSpace
 
@@ -51,6 +52,7 @@ class GRPOController:
         if self.policy.space != backbone.space:
             raise UserError(f"checkpoint {self.ckpt} was trained for another knob space ({self.policy.space}) "
                             f"than this backbone's ({backbone.space})")
+        self.kernel = ArgmaxKernel(self.policy, self.hparams["d_model"])
         return self
 
     def default_budgets(self, n: int) -> list[float]:
@@ -61,19 +63,27 @@ class GRPOController:
     def serve(self, backbone, question: str, image, budget_ms: float):
         """Answer one request; returns (Generation with the chosen knobs, controller overhead in ms)."""
         t0 = time.perf_counter()
-        budget = torch.tensor([float(budget_ms)])
-        feat = self.policy.budget(budget)
-        lang = language_features(backbone, [question])
-        d_tier, d_ins = self.policy.stage1_dists(lang, feat)
-        tier_i, ins_i = d_tier.probs.argmax(-1), d_ins.probs.argmax(-1)
+        budget_ms = float(budget_ms)
+        tier_i, ins_i = self.kernel.stage1(language_feature(backbone, question), budget_ms)
         space = self.policy.space
+        p = space.insertions[ins_i]
+        options = space.num_blocks_options(p)
         stage1_ms = (time.perf_counter() - t0) * 1e3
 
         def stage2(token):
-            d_topk, d_blocks = self.policy.stage2_dists(token.float().cpu(), feat, ins_i)
-            p = space.insertions[int(ins_i)]
-            return space.top_ks[int(d_topk.probs.argmax())], space.num_blocks_options(p)[0] + int(d_blocks.probs.argmax())
+            k, n = self.kernel.stage2(token[0].float().cpu().numpy(), budget_ms, ins_i, len(options))
+            return space.top_ks[k], options[n]
 
-        knobs = Knobs(space.tiers[int(tier_i)], space.insertions[int(ins_i)], max(space.top_ks), space.num_layers)
+        knobs = Knobs(space.tiers[tier_i], p, max(space.top_ks), space.num_layers)
         gen = backbone.generate([image], [question], knobs, decide=stage2)
         return gen, stage1_ms + gen.stage2_ms
+
+
+def language_feature(backbone, question: str) -> np.ndarray:
+    """grpo.env.language_features for one question, through the tokenizer's Rust backend if it has one."""
+    tok = backbone.tokenizer
+    fast = getattr(tok, "backend_tokenizer", None)
+    ids = (fast.encode(question, add_special_tokens=False).ids if fast is not None
+           else tok(question, add_special_tokens=False)["input_ids"])
+    emb = backbone.model.get_input_embeddings().weight
+    return emb[torch.tensor(ids or [tok.pad_token_id or 0], device=emb.device)].float().mean(0).cpu().numpy()

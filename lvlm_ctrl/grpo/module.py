@@ -15,17 +15,15 @@ import torch
 from torchmetrics import MeanMetric
 
 from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
-from lvlm_ctrl.grpo.policy import Decision, TwoStagePolicy
+from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy
 from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
-
-HEADS = ("tier", "insertion", "top_k", "num_blocks")
 
 
 class GRPOModule(L.LightningModule):
     def __init__(self, policy: TwoStagePolicy, env, lang: torch.Tensor, tokens: torch.Tensor, budgets,
                  reward: RewardConfig, group_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0,
                  clip_eps: float = 0.2, kl_coef: float = 0.0, entropy_coef: float = 0.01, num_iterations: int = 1,
-                 scale_rewards: str = "group", val_budgets: list[float] | None = None, val_idx=None):
+                 scale_rewards: str = "group", stage2_warmup_steps: int = 0, val_budgets: list[float] | None = None, val_idx=None):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -36,11 +34,13 @@ class GRPOModule(L.LightningModule):
         self.group_size, self.lr, self.weight_decay = group_size, lr, weight_decay
         self.clip_eps, self.kl_coef, self.entropy_coef = clip_eps, kl_coef, entropy_coef
         self.num_iterations, self.scale_rewards = num_iterations, scale_rewards
+        self.stage2_warmup_steps = stage2_warmup_steps
         self.val_budgets = list(val_budgets or [])
         self.val_idx = val_idx
         self.val_acc = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
         self.val_violation = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
         self.val_ratio = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
+        self.val_in_budget = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
         self.save_hyperparameters({"group_size": group_size, "lr": lr, "clip_eps": clip_eps, "kl_coef": kl_coef,
                                    "entropy_coef": entropy_coef, "num_iterations": num_iterations,
                                    "scale_rewards": scale_rewards, "reward": vars(reward),
@@ -51,6 +51,13 @@ class GRPOModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
+    @property
+    def warming_up(self) -> bool:
+        """Stage-2 warm-up: (tier, p) drawn uniformly and only stage 2 trained. Until stage 2 can fit
+        a tier into the budget, every tier but the cheapest scores badly, and stage 1, trained from
+        the start, collapses onto the cheapest for good (its entropy reaches 0 within 100 steps)."""
+        return self.global_step < self.stage2_warmup_steps
+
     # ---- rollouts ----------------------------------------------------------------------
     def rollout(self, idx: torch.Tensor):
         g = self.group_size
@@ -58,7 +65,7 @@ class GRPOModule(L.LightningModule):
         rows = idx.repeat_interleave(g)
         budget_rows = budget.repeat_interleave(g)
         lang, tokens = self.lang[rows], self.tokens[rows]
-        decision = self.policy.act(lang, tokens, budget_rows)
+        decision = self.policy.act(lang, tokens, budget_rows, uniform_stage1=self.warming_up)
         acc, lat = self.env.outcome(rows.cpu(), _cpu(decision))
         comps = reward_components(self.reward, acc, lat, budget_rows.cpu(), self.env.complexity(_cpu(decision)))
         return rows, budget_rows, lang, tokens, decision, comps, acc, lat
@@ -70,13 +77,14 @@ class GRPOModule(L.LightningModule):
         rewards = total_reward(comps).to(self.lang.device)
         adv, zero_std = group_advantages(rewards.view(-1, self.group_size), self.scale_rewards)
         adv = adv.reshape(-1)
+        heads = STAGE2 if self.warming_up else HEADS
         with torch.no_grad():
-            logp_old, _ = self.policy.log_prob_and_entropy(lang, tokens, budget, decision)
-            logp_ref = (self.ref_policy.log_prob_and_entropy(lang, tokens, budget, decision)[0]
+            logp_old, _ = self.policy.log_prob_and_entropy(lang, tokens, budget, decision, heads)
+            logp_ref = (self.ref_policy.log_prob_and_entropy(lang, tokens, budget, decision, heads)[0]
                         if self.ref_policy is not None else logp_old)
         for _ in range(self.num_iterations):
-            logp, ent = self.policy.log_prob_and_entropy(lang, tokens, budget, decision)
-            entropy = torch.stack(list(ent.values())).sum(0)
+            logp, ent = self.policy.log_prob_and_entropy(lang, tokens, budget, decision, heads)
+            entropy = torch.stack([ent[h] for h in heads]).sum(0)
             loss, stats = grpo_loss(logp, logp_old, adv, self.clip_eps, logp_ref, self.kl_coef, entropy,
                                     self.entropy_coef)
             opt.zero_grad()
@@ -108,26 +116,34 @@ class GRPOModule(L.LightningModule):
             self.val_acc[i].update(acc.to(self.device))
             self.val_violation[i].update((lat > b).float().to(self.device))
             self.val_ratio[i].update((lat / b).to(self.device))
+            self.val_in_budget[i].update((acc * (lat <= b)).to(self.device))
 
     def on_validation_epoch_end(self):
-        accs = [m.compute() for m in self.val_acc]  # torchmetrics syncs across processes here
-        viols = [m.compute() for m in self.val_violation]
-        for b, a, v, m in zip(self.val_budgets, accs, viols, self.val_ratio):
+        # compute() syncs across processes (DDP) before anything is logged
+        accs, viols, ratios, in_budget = ([m.compute().cpu() for m in ms] for ms in
+                                          (self.val_acc, self.val_violation, self.val_ratio, self.val_in_budget))
+        for b, a, v, r in zip(self.val_budgets, accs, viols, ratios):
             self.log_dict({f"val_curve/accuracy@{b:.0f}ms": a, f"val_curve/violation@{b:.0f}ms": v,
-                           f"val_curve/latency_over_budget@{b:.0f}ms": m.compute()})
-        for metrics in (self.val_acc, self.val_violation, self.val_ratio):
+                           f"val_curve/latency_over_budget@{b:.0f}ms": r})
+        for metrics in (self.val_acc, self.val_violation, self.val_ratio, self.val_in_budget):
             for m in metrics:
                 m.reset()
-        if len(self.val_budgets) > 1:
-            xs = torch.tensor(self.val_budgets)
-            auc = torch.trapezoid(torch.stack(accs).cpu(), xs) / (xs[-1] - xs[0])
-        else:
-            auc = torch.stack(accs).mean().cpu()
-        self.log("val/auc", auc, prog_bar=True)
+        self.log("val/auc", budget_auc(self.val_budgets, accs), prog_bar=True)
+        # the checkpoint's criterion: an answer over budget counts as wrong, so always running the
+        # full model does not win
+        self.log("val/auc_in_budget", budget_auc(self.val_budgets, in_budget), prog_bar=True)
         self.log("val/accuracy", torch.stack(accs).mean())
         self.log("val/violation_rate", torch.stack(viols).mean())
+        self.log("val/max_violation_rate", torch.stack(viols).max())
         self.curve = [(b, float(a), float(v)) for b, a, v in zip(self.val_budgets, accs, viols)]
 
+
+def budget_auc(budgets: list[float], values: list[torch.Tensor]) -> torch.Tensor:
+    """Area under value vs budget, normalised by the budget range (the mean for a single budget)."""
+    if len(budgets) < 2:
+        return torch.stack(values).mean()
+    xs = torch.tensor(budgets)
+    return torch.trapezoid(torch.stack(values), xs) / (xs[-1] - xs[0])
 
 def _cpu(d: Decision) -> Decision:
     return Decision(d.tier.cpu(), d.insertion.cpu(), d.top_k.cpu(), d.num_blocks.cpu())

@@ -16,6 +16,8 @@ from torch.distributions import Categorical
 from lvlm_ctrl.knobs import Knobs, KnobSpace
 
 MASKED = -1e9
+HEADS = ("tier", "insertion", "top_k", "num_blocks")
+STAGE2 = ("top_k", "num_blocks")
 
 
 class BudgetEncoding(nn.Module):
@@ -36,7 +38,9 @@ class BudgetEncoding(nn.Module):
 
 
 def mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, out))
+    # tanh GELU: the serving path (controllers/grpo.py) computes the same function in numpy
+    act = nn.GELU(approximate="tanh")
+    return nn.Sequential(nn.Linear(inp, hidden), act, nn.Linear(hidden, hidden), act, nn.Linear(hidden, out))
 
 
 @dataclass
@@ -90,24 +94,30 @@ class TwoStagePolicy(nn.Module):
         topk, blocks = self.stage2_logits(latency_token, budget_feat, insertion_idx)
         return Categorical(logits=topk), Categorical(logits=blocks)
 
-    def log_prob_and_entropy(self, lang, latency_tokens, budget_ms, decision: Decision):
-        """latency_tokens: (B, tiers, P, d), the token after each insertion at each tier (rows vary in both)."""
+    def log_prob_and_entropy(self, lang, latency_tokens, budget_ms, decision: Decision, heads=HEADS):
+        """Sum of the log-probabilities of `heads` (default: all four) and every head's entropy.
+
+        latency_tokens: (B, tiers, P, d), the token after each insertion at each tier (rows vary in both).
+        """
         feat = self.budget(budget_ms)
         d_tier, d_ins = self.stage1_dists(lang, feat)
         tok = latency_tokens[torch.arange(len(decision.insertion)), decision.tier, decision.insertion]
         d_topk, d_blocks = self.stage2_dists(tok, feat, decision.insertion)
-        logp = (d_tier.log_prob(decision.tier) + d_ins.log_prob(decision.insertion)
-                + d_topk.log_prob(decision.top_k) + d_blocks.log_prob(decision.num_blocks))
-        entropy = {"tier": d_tier.entropy(), "insertion": d_ins.entropy(), "top_k": d_topk.entropy(),
-                   "num_blocks": d_blocks.entropy()}
-        return logp, entropy
+        dists = {"tier": d_tier, "insertion": d_ins, "top_k": d_topk, "num_blocks": d_blocks}
+        logp = sum(dists[h].log_prob(getattr(decision, h)) for h in heads)
+        return logp, {h: d.entropy() for h, d in dists.items()}
 
     @torch.no_grad()
-    def act(self, lang, latency_tokens, budget_ms, greedy: bool = False) -> Decision:
-        """Sample (or argmax) a decision per row; latency_tokens (B, tiers, P, d) as above."""
+    def act(self, lang, latency_tokens, budget_ms, greedy: bool = False, uniform_stage1: bool = False) -> Decision:
+        """Sample (or argmax) a decision per row; latency_tokens (B, tiers, P, d) as above.
+
+        uniform_stage1: draw (tier, p) uniformly instead (stage-2 warm-up), stage 2 from the policy.
+        """
         feat = self.budget(budget_ms)
         d_tier, d_ins = self.stage1_dists(lang, feat)
         pick = (lambda d: d.probs.argmax(-1)) if greedy else (lambda d: d.sample())
+        if uniform_stage1:
+            d_tier, d_ins = (Categorical(logits=torch.zeros_like(d.logits)) for d in (d_tier, d_ins))
         tier, ins = pick(d_tier), pick(d_ins)
         tok = latency_tokens[torch.arange(len(ins)), tier, ins]
         d_topk, d_blocks = self.stage2_dists(tok, feat, ins)
