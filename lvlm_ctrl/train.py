@@ -81,6 +81,10 @@ def train_grpo(cfg: DictConfig) -> float:
     if logger and hasattr(logger, "log_table") and getattr(module, "curve", None):
         logger.log_table("val/accuracy_vs_budget", columns=["budget_ms", "accuracy", "violation_rate"],
                          data=[list(r) for r in module.curve])
+    if isinstance(logger, L.pytorch.loggers.WandbLogger) and trainer.is_global_zero:
+        # a multirun runs its jobs in one process: without finish(), the next job's wandb.init
+        # would hand back this run and every job would log into the first one
+        logger.experiment.finish()
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     score = float(best) if best is not None else float(trainer.callback_metrics.get("val/auc_in_budget", 0.0))
     if trainer.is_global_zero:

@@ -61,7 +61,9 @@ class ArgmaxKernel:
 
     def stage1(self, lang: np.ndarray, budget_ms: float) -> tuple[int, int]:
         out = self._mlp(lang, self.budget_bias(budget_ms)[0], self.w1, self.b1)
-        return int(out[: self.n_tier].argmax()), int(out[self.n_tier:].argmax())
+        tier = int(out[: self.n_tier].argmax())
+        ins = out[self.n_tier:].reshape(self.n_tier, -1)[tier]  # insertion logits at that tier
+        return tier, int(ins.argmax())
 
     def stage2(self, token: np.ndarray, budget_ms: float, ins_idx: int, n_valid: int) -> tuple[int, int]:
         """n_valid: how many num_blocks options exist at this insertion (the rest are masked)."""

@@ -17,12 +17,15 @@ class Budgets:
 
 
 class Uniform(Budgets):
-    def __init__(self, low_ms: float | None = None, high_ms: float | None = None):
-        self.low_ms, self.high_ms = low_ms, high_ms
+    """margin widens a null bound beyond the feasible range (0.1: 10% below and above), so that the
+    policy also learns the edges, where validation and users' budgets land too."""
+
+    def __init__(self, low_ms: float | None = None, high_ms: float | None = None, margin: float = 0.0):
+        self.low_ms, self.high_ms, self.margin = low_ms, high_ms, margin
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        lo = self.low_ms if self.low_ms is not None else self.feasible[0]
-        hi = self.high_ms if self.high_ms is not None else self.feasible[1]
+        lo = self.low_ms if self.low_ms is not None else self.feasible[0] * (1 - self.margin)
+        hi = self.high_ms if self.high_ms is not None else self.feasible[1] * (1 + self.margin)
         if not 0 < lo < hi:
             raise UserError(f"budget.low_ms and budget.high_ms must satisfy 0 < low < high, got {lo}, {hi}")
         return lo + (hi - lo) * torch.rand(n, generator=generator)

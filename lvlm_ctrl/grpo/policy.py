@@ -65,7 +65,9 @@ class TwoStagePolicy(nn.Module):
         super().__init__()
         self.space = space
         self.budget = BudgetEncoding(budget_dim)
-        self.stage1 = mlp(d_model + budget_dim, hidden, len(space.tiers) + len(space.insertions))
+        # insertion logits per tier: the best p depends on the tier (at a tight budget only p=1,
+        # which allows the fewest blocks, fits the medium tier, while any p fits the low one)
+        self.stage1 = mlp(d_model + budget_dim, hidden, len(space.tiers) * (1 + len(space.insertions)))
         self.insertion_embed = nn.Embedding(len(space.insertions), 32)
         self.stage2 = mlp(d_model + budget_dim + 32, hidden, len(space.top_ks) + space.max_block_options)
         self.n_tier = len(space.tiers)
@@ -73,8 +75,9 @@ class TwoStagePolicy(nn.Module):
 
     # ---- logits ------------------------------------------------------------------------
     def stage1_logits(self, lang: torch.Tensor, budget_feat: torch.Tensor):
+        """-> tier logits (B, tiers) and insertion logits per tier (B, tiers, P)."""
         out = self.stage1(torch.cat([lang, budget_feat], dim=-1))
-        return out[:, : self.n_tier], out[:, self.n_tier:]
+        return out[:, : self.n_tier], out[:, self.n_tier:].reshape(len(out), self.n_tier, -1)
 
     def stage2_logits(self, latency_token: torch.Tensor, budget_feat: torch.Tensor, insertion_idx: torch.Tensor):
         x = torch.cat([latency_token, budget_feat, self.insertion_embed(insertion_idx)], dim=-1)
@@ -87,8 +90,9 @@ class TwoStagePolicy(nn.Module):
 
     # ---- distributions -----------------------------------------------------------------
     def stage1_dists(self, lang, budget_feat):
+        """The tier's distribution and a function tier -> the insertion's distribution at that tier."""
         tier, ins = self.stage1_logits(lang, budget_feat)
-        return Categorical(logits=tier), Categorical(logits=ins)
+        return Categorical(logits=tier), lambda t: Categorical(logits=ins[torch.arange(len(t)), t])
 
     def stage2_dists(self, latency_token, budget_feat, insertion_idx):
         topk, blocks = self.stage2_logits(latency_token, budget_feat, insertion_idx)
@@ -100,7 +104,8 @@ class TwoStagePolicy(nn.Module):
         latency_tokens: (B, tiers, P, d), the token after each insertion at each tier (rows vary in both).
         """
         feat = self.budget(budget_ms)
-        d_tier, d_ins = self.stage1_dists(lang, feat)
+        d_tier, ins_given = self.stage1_dists(lang, feat)
+        d_ins = ins_given(decision.tier)
         tok = latency_tokens[torch.arange(len(decision.insertion)), decision.tier, decision.insertion]
         d_topk, d_blocks = self.stage2_dists(tok, feat, decision.insertion)
         dists = {"tier": d_tier, "insertion": d_ins, "top_k": d_topk, "num_blocks": d_blocks}
@@ -114,11 +119,14 @@ class TwoStagePolicy(nn.Module):
         uniform_stage1: draw (tier, p) uniformly instead (stage-2 warm-up), stage 2 from the policy.
         """
         feat = self.budget(budget_ms)
-        d_tier, d_ins = self.stage1_dists(lang, feat)
+        d_tier, ins_given = self.stage1_dists(lang, feat)
         pick = (lambda d: d.probs.argmax(-1)) if greedy else (lambda d: d.sample())
         if uniform_stage1:
-            d_tier, d_ins = (Categorical(logits=torch.zeros_like(d.logits)) for d in (d_tier, d_ins))
-        tier, ins = pick(d_tier), pick(d_ins)
+            n_ins = len(self.space.insertions)
+            d_tier = Categorical(logits=torch.zeros_like(d_tier.logits))
+            ins_given = lambda t: Categorical(logits=t.new_zeros(len(t), n_ins, dtype=torch.float))  # noqa: E731
+        tier = pick(d_tier)
+        ins = pick(ins_given(tier))
         tok = latency_tokens[torch.arange(len(ins)), tier, ins]
         d_topk, d_blocks = self.stage2_dists(tok, feat, ins)
         return Decision(tier, ins, pick(d_topk), pick(d_blocks))
