@@ -51,8 +51,9 @@ def train_grpo(cfg: DictConfig) -> float:
         raise UserError(f"{len(missing)} profiled samples (e.g. {missing[0]}) are not in data={cfg.data.name} "
                         f"split={cfg.data.split} limit={cfg.data.limit}; pass the split the profile was made on")
     samples = [by_id[i] for i in env.sample_ids]
-    lang = language_features(backbone, [s.question for s in samples])
-    tokens = latency_tokens(backbone, samples)
+    # clone: tensors made under inference_mode cannot be module buffers that DDP broadcasts
+    lang = language_features(backbone, [s.question for s in samples]).clone()
+    tokens = latency_tokens(backbone, samples).clone()
     held = torch.tensor(held_out_mask(env.sample_ids, c.val_fraction))
     train_idx, val_idx = torch.where(~held)[0], torch.where(held)[0]
     if len(train_idx) == 0 or len(val_idx) == 0:
