@@ -79,9 +79,6 @@ def train_grpo(cfg: DictConfig) -> float:
     if ckpt_path and not Path(ckpt_path).exists():
         raise UserError(f"no checkpoint to resume at {ckpt_path}; pass hydra.run.dir=<the run> with ckpt_path=last")
     trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
-    if logger and hasattr(logger, "log_table") and getattr(module, "curve", None):
-        logger.log_table("val/accuracy_vs_budget", columns=["budget_ms", "accuracy", "violation_rate"],
-                         data=[list(r) for r in module.curve])
     if isinstance(logger, L.pytorch.loggers.WandbLogger) and trainer.is_global_zero:
         # a multirun runs its jobs in one process: without finish(), the next job's wandb.init
         # would hand back this run and every job would log into the first one

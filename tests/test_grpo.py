@@ -159,3 +159,15 @@ def test_budget_distributions(tmp_path):
         Trace(str(trace))
     with pytest.raises(UserError):
         Uniform(50, 10).bind((1, 2)).sample(1)
+
+
+def test_serving_language_feature_matches_training(backbone):
+    """Serving tokenises one question through the Rust backend and averages a view of the embedding;
+    training batches questions through the tokenizer with padding: both must give the same feature."""
+    from lvlm_ctrl.controllers.grpo import language_feature
+    from lvlm_ctrl.grpo.env import language_features
+
+    questions = ["what shape is in the image?", "is there a red shape?", "what color is the circle?"]
+    batch = language_features(backbone, questions)
+    for q, row in zip(questions, batch):
+        assert torch.allclose(torch.from_numpy(language_feature(backbone, q)), row, atol=1e-6)

@@ -126,3 +126,15 @@ def test_infer_bad_input(tmp_path, overrides, message):
     proc = run_cli("lvlm_ctrl.infer", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-1500:]
     assert message in error_line(proc) and "Traceback" not in proc.stderr
+
+
+def test_grpo_writes_a_wandb_offline_run(tmp_path, profile_dir):
+    """The default logger: a real W&B run, offline, in the run directory, with the validation curve."""
+    cfg = compose_train(tmp_path, "controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}",
+                        "trainer.max_steps=2", "trainer.val_check_interval=2", "controller.batch_size=8")
+    assert cfg.logger.offline is True
+    train_grpo(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/val/accuracy_vs_budget*.table.json"))
+    assert tables and json.loads(tables[0].read_text())["columns"] == ["budget_ms", "accuracy", "violation_rate"]

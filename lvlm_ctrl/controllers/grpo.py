@@ -71,7 +71,7 @@ class GRPOController:
         stage1_ms = (time.perf_counter() - t0) * 1e3
 
         def stage2(token):
-            k, n = self.kernel.stage2(token[0].float().cpu().numpy(), budget_ms, ins_i, len(options))
+            k, n = self.kernel.stage2(as_numpy(token[0]), budget_ms, ins_i, len(options))
             return space.top_ks[k], options[n]
 
         knobs = Knobs(space.tiers[tier_i], p, max(space.top_ks), space.num_layers)
@@ -84,6 +84,12 @@ def language_feature(backbone, question: str) -> np.ndarray:
     tok = backbone.tokenizer
     fast = getattr(tok, "backend_tokenizer", None)
     ids = (fast.encode(question, add_special_tokens=False).ids if fast is not None
-           else tok(question, add_special_tokens=False)["input_ids"])
+           else tok(question, add_special_tokens=False)["input_ids"]) or [tok.pad_token_id or 0]
     emb = backbone.model.get_input_embeddings().weight
-    return emb[torch.tensor(ids or [tok.pad_token_id or 0], device=emb.device)].float().mean(0).cpu().numpy()
+    if emb.device.type == "cpu" and emb.dtype == torch.float32:
+        return emb.detach().numpy()[ids].mean(0)  # a view of the weights: no copy, no torch dispatch
+    return emb[torch.tensor(ids, device=emb.device)].float().mean(0).cpu().numpy()
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.numpy() if t.device.type == "cpu" and t.dtype == torch.float32 else t.float().cpu().numpy()
