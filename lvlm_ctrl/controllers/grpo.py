@@ -85,10 +85,21 @@ def language_feature(backbone, question: str) -> np.ndarray:
     fast = getattr(tok, "backend_tokenizer", None)
     ids = (fast.encode(question, add_special_tokens=False).ids if fast is not None
            else tok(question, add_special_tokens=False)["input_ids"]) or [tok.pad_token_id or 0]
+    table = _embedding_view(backbone)
+    if table is not None:  # add.reduce: numpy's mean() is a Python wrapper, slow on a cold cache
+        return np.add.reduce(table[ids], axis=0) / np.float32(len(ids))
     emb = backbone.model.get_input_embeddings().weight
-    if emb.device.type == "cpu" and emb.dtype == torch.float32:
-        return emb.detach().numpy()[ids].mean(0)  # a view of the weights: no copy, no torch dispatch
     return emb[torch.tensor(ids, device=emb.device)].float().mean(0).cpu().numpy()
+
+
+def _embedding_view(backbone) -> np.ndarray | None:
+    """The input embeddings as a numpy view (no copy) when they are float32 on the CPU, else None."""
+    view = getattr(backbone, "_embedding_numpy", False)
+    if view is False:
+        emb = backbone.model.get_input_embeddings().weight
+        view = emb.detach().numpy() if emb.device.type == "cpu" and emb.dtype == torch.float32 else None
+        backbone._embedding_numpy = view
+    return view
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
