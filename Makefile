@@ -15,7 +15,7 @@ install: .venv/.installed
 
 # The main job on the embedded default: profile VAL val questions at all 225 configurations
 # (measured latency; resumes if stopped), train the GRPO controller on that profile (W&B offline
-# run under $(RUN)/train/wandb), evaluate it on TEST test questions at 10 budgets. ~25 min on 2 cores.
+# run under $(RUN)/train/wandb), evaluate it on TEST test questions at 10 budgets. 16 min on 2 cores (fresh clone, with install).
 RUN ?= outputs/run
 VAL ?= 150
 TEST ?= 1000
