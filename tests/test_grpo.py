@@ -164,10 +164,13 @@ def test_budget_distributions(tmp_path):
 def test_serving_language_feature_matches_training(backbone):
     """Serving tokenises one question through the Rust backend and averages a view of the embedding;
     training batches questions through the tokenizer with padding: both must give the same feature."""
-    from lvlm_ctrl.controllers.grpo import language_feature
+    from lvlm_ctrl.controllers.grpo import embedding_view, language_feature
     from lvlm_ctrl.grpo.env import language_features
 
     questions = ["what shape is in the image?", "is there a red shape?", "what color is the circle?"]
     batch = language_features(backbone, questions)
+    table = embedding_view(backbone)
+    assert table is not None  # the embedded default is float32 on the CPU: the numpy path is the one served
     for q, row in zip(questions, batch):
-        assert torch.allclose(torch.from_numpy(language_feature(backbone, q)), row, atol=1e-6)
+        for got in (language_feature(backbone, q, table), language_feature(backbone, q)):
+            assert torch.allclose(torch.from_numpy(got), row, atol=1e-6)

@@ -53,6 +53,7 @@ class GRPOController:
             raise UserError(f"checkpoint {self.ckpt} was trained for another knob space ({self.policy.space}) "
                             f"than this backbone's ({backbone.space})")
         self.kernel = ArgmaxKernel(self.policy, self.hparams["d_model"])
+        self.embeddings = embedding_view(backbone)
         return self
 
     def default_budgets(self, n: int) -> list[float]:
@@ -64,7 +65,7 @@ class GRPOController:
         """Answer one request; returns (Generation with the chosen knobs, controller overhead in ms)."""
         t0 = time.perf_counter()
         budget_ms = float(budget_ms)
-        tier_i, ins_i = self.kernel.stage1(language_feature(backbone, question), budget_ms)
+        tier_i, ins_i = self.kernel.stage1(language_feature(backbone, question, self.embeddings), budget_ms)
         space = self.policy.space
         p = space.insertions[ins_i]
         options = space.num_blocks_options(p)
@@ -79,27 +80,23 @@ class GRPOController:
         return gen, stage1_ms + gen.stage2_ms
 
 
-def language_feature(backbone, question: str) -> np.ndarray:
-    """grpo.env.language_features for one question, through the tokenizer's Rust backend if it has one."""
+def language_feature(backbone, question: str, table: np.ndarray | None = None) -> np.ndarray:
+    """grpo.env.language_features for one question, through the tokenizer's Rust backend if it has
+    one; `table`: embedding_view(backbone), read without torch when there is one."""
     tok = backbone.tokenizer
     fast = getattr(tok, "backend_tokenizer", None)
     ids = (fast.encode(question, add_special_tokens=False).ids if fast is not None
            else tok(question, add_special_tokens=False)["input_ids"]) or [tok.pad_token_id or 0]
-    table = _embedding_view(backbone)
     if table is not None:  # add.reduce: numpy's mean() is a Python wrapper, slow on a cold cache
         return np.add.reduce(table[ids], axis=0) / np.float32(len(ids))
     emb = backbone.model.get_input_embeddings().weight
     return emb[torch.tensor(ids, device=emb.device)].float().mean(0).cpu().numpy()
 
 
-def _embedding_view(backbone) -> np.ndarray | None:
+def embedding_view(backbone) -> np.ndarray | None:
     """The input embeddings as a numpy view (no copy) when they are float32 on the CPU, else None."""
-    view = getattr(backbone, "_embedding_numpy", False)
-    if view is False:
-        emb = backbone.model.get_input_embeddings().weight
-        view = emb.detach().numpy() if emb.device.type == "cpu" and emb.dtype == torch.float32 else None
-        backbone._embedding_numpy = view
-    return view
+    emb = backbone.model.get_input_embeddings().weight
+    return emb.detach().numpy() if emb.device.type == "cpu" and emb.dtype == torch.float32 else None
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:

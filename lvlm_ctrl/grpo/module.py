@@ -153,5 +153,6 @@ def budget_auc(budgets: list[float], values: list[torch.Tensor]) -> torch.Tensor
     xs = torch.tensor(budgets)
     return torch.trapezoid(torch.stack(values), xs) / (xs[-1] - xs[0])
 
+
 def _cpu(d: Decision) -> Decision:
     return Decision(d.tier.cpu(), d.insertion.cpu(), d.top_k.cpu(), d.num_blocks.cpu())

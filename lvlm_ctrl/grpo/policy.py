@@ -122,11 +122,11 @@ class TwoStagePolicy(nn.Module):
         d_tier, ins_given = self.stage1_dists(lang, feat)
         pick = (lambda d: d.probs.argmax(-1)) if greedy else (lambda d: d.sample())
         if uniform_stage1:
-            n_ins = len(self.space.insertions)
-            d_tier = Categorical(logits=torch.zeros_like(d_tier.logits))
-            ins_given = lambda t: Categorical(logits=t.new_zeros(len(t), n_ins, dtype=torch.float))  # noqa: E731
-        tier = pick(d_tier)
-        ins = pick(ins_given(tier))
+            tier = pick(Categorical(logits=torch.zeros_like(d_tier.logits)))
+            ins = pick(Categorical(logits=lang.new_zeros(len(lang), len(self.space.insertions))))
+        else:
+            tier = pick(d_tier)
+            ins = pick(ins_given(tier))
         tok = latency_tokens[torch.arange(len(ins)), tier, ins]
         d_topk, d_blocks = self.stage2_dists(tok, feat, ins)
         return Decision(tier, ins, pick(d_topk), pick(d_blocks))
