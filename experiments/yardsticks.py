@@ -1,6 +1,6 @@
 """The evaluation yardsticks of the embedded default, end to end (issue 3's acceptance run).
 
-    python experiments/yardsticks.py [--val 300] [--test 1000] [--kill-after 900]
+    python experiments/yardsticks.py [--val 300] [--answers 1000] [--test 1000] [--kill-after 900]
 
 1. profile the val split at every configuration (measured latency), SIGKILLed after --kill-after
    seconds and started again, then counts the unique rows (must be val x 225);
@@ -9,10 +9,12 @@
 4. train controller=lookup: the lookup table from the val profile;
 5. profile the test split with latency=predicted (answers batched, times from the latency model):
    the oracle's per-sample view of the test split;
-6. train the GRPO controller (python -m lvlm_ctrl.train controller=grpo, the defaults) on the val
+6. answer --answers val questions at every configuration (latency=predicted, batched) and give
+   them the measured latencies of step 1 (profile_bootstrap); a second lookup table from it;
+7. train the GRPO controller (python -m lvlm_ctrl.train controller=grpo, the defaults) on that
    profile;
-7. evaluate static-full, lookup, grpo and oracle on the test split at the lookup's 10 budgets,
-   latency measured at batch size 1 (--fresh-evals: again, e.g. on another machine or day).
+8. evaluate static-full, lookup, lookup_boot, grpo and oracle on the test split at the lookup's 10
+   budgets, latency measured at batch size 1 (--fresh-evals: again, e.g. on another machine or day).
 Each step writes into outputs/experiments/yardsticks/; a rerun skips finished steps (the profile
 resumes). The figures and commands land in outputs/experiments/yardsticks.json. Run it alone:
 two shared cores skew every latency.
@@ -69,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--val", type=int, default=300)
     ap.add_argument("--test", type=int, default=1000)
+    ap.add_argument("--answers", type=int, default=1000, help="val questions answered for GRPO's training profile")
     ap.add_argument("--kill-after", type=float, default=900.0, help="seconds into the val profile; 0 = no kill")
     ap.add_argument("--fresh-evals", action="store_true", help="rerun the evaluations (not the profiles)")
     a = ap.parse_args()
@@ -96,9 +99,18 @@ def main() -> None:
         done=test_profile / "done")
     (test_profile / "done").touch()
 
+    answers, boot = OUT / f"profile-val-{a.answers}-predicted", OUT / f"profile-val-{a.answers}-boot.parquet"
+    run("answers_val", ["lvlm_ctrl.profile", "data.split=val", f"data.limit={a.answers}", "latency=predicted",
+                        f"latency.model={lat_model}", "profile.batch_size=64", "model.experts_implementation=grouped_mm",
+                        f"profile.path={answers}", f"hydra.run.dir={OUT / 'runs/answers_val'}"], done=answers / "done")
+    (answers / "done").touch()
+    run("bootstrap", ["lvlm_ctrl.profile_bootstrap", str(answers), str(val_profile), str(boot)], done=boot)
+    lookup_boot = OUT / "lookup-boot"
+    run("lookup_boot", ["lvlm_ctrl.train", "controller=lookup", f"profile.path={boot}",
+                        f"hydra.run.dir={lookup_boot}"], done=lookup_boot / "lookup_table.json")
     grpo_dir = OUT / "grpo"
-    run("train_grpo", ["lvlm_ctrl.train", "controller=grpo", "budget=uniform", f"profile.path={val_profile}",
-                       f"data.limit={a.val}", f"hydra.run.dir={grpo_dir}"], done=grpo_dir / "checkpoints" / "best.ckpt")
+    run("train_grpo", ["lvlm_ctrl.train", "controller=grpo", "budget=uniform", f"profile.path={boot}",
+                       f"data.limit={a.answers}", f"hydra.run.dir={grpo_dir}"], done=grpo_dir / "checkpoints" / "best.ckpt")
 
     from lvlm_ctrl.controllers.lookup import LookupTable
 
@@ -108,6 +120,7 @@ def main() -> None:
     evals = {
         "static_full": ["controller=static"],
         "lookup": ["controller=lookup", f"controller.table={lookup_dir / 'lookup_table.json'}"],
+        "lookup_boot": ["controller=lookup", f"controller.table={lookup_boot / 'lookup_table.json'}"],
         "grpo": ["controller=grpo", f"ckpt={grpo_dir / 'checkpoints' / 'best.ckpt'}"],
         "oracle": ["controller=oracle", f"profile.path={test_profile}"],
     }

@@ -7,7 +7,7 @@
 
 Both controllers learn from the offline profile at profile.path (python -m lvlm_ctrl.profile): the
 lookup table aggregates it; GRPO uses it as its environment (grpo/env.py). Returns the sweep
-objective (for grpo the best val/auc_in_budget).
+objective (for grpo the best val/auc_slo).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def train_grpo(cfg: DictConfig) -> float:
     module = GRPOModule(policy, env, lang, tokens, budgets, RewardConfig(**c.reward), group_size=c.group_size,
                         lr=c.lr, clip_eps=c.clip_eps, kl_coef=c.kl_coef, entropy_coef=c.entropy_coef,
                         num_iterations=c.num_iterations, scale_rewards=c.scale_rewards,
-                        stage2_warmup_steps=c.stage2_warmup_steps, val_budgets=val_budgets)
+                        stage2_warmup_steps=c.stage2_warmup_steps, val_budgets=val_budgets,
+                        val_max_violation=c.val_max_violation)
     train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_idx), batch_size=c.batch_size,
                                                shuffle=True, drop_last=len(train_idx) > c.batch_size)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(val_idx), batch_size=len(val_idx))
@@ -83,10 +84,12 @@ def train_grpo(cfg: DictConfig) -> float:
         # a multirun runs its jobs in one process: without finish(), the next job's wandb.init
         # would hand back this run and every job would log into the first one
         logger.experiment.finish()
-    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
-    score = float(best) if best is not None else float(trainer.callback_metrics.get("val/auc_in_budget", 0.0))
+    ckpt = trainer.checkpoint_callback
+    monitor = (ckpt.monitor if ckpt else None) or "val/auc_slo"
+    best = ckpt.best_model_score if ckpt else None
+    score = float(best) if best is not None else float(trainer.callback_metrics.get(monitor, 0.0))
     if trainer.is_global_zero:
-        print(f"best val/auc_in_budget {score:.4f}; checkpoints in {Path(cfg.paths.output_dir) / 'checkpoints'}")
+        print(f"best {monitor} {score:.4f}; checkpoints in {Path(cfg.paths.output_dir) / 'checkpoints'}")
     return score
 
 

@@ -94,11 +94,29 @@ def test_argmax_kernel_matches_the_policy():
     got = []
     for i in range(len(lang)):
         b = float(budget[i])
-        t, p = kernel.stage1(lang[i].numpy(), b)
-        k, n = kernel.stage2(tokens[i, t, p].numpy(), b, p, len(space.num_blocks_options(space.insertions[p])))
+        t, p = kernel.stage1((lang[i] * 3).numpy(), b, n_tokens=3)  # a sum over 3 tokens
+        k, n = kernel.stage2(tokens[i, t, p].numpy(), b, t, p, len(space.num_blocks_options(space.insertions[p])))
         got.append((t, p, k, n))
     assert got == list(zip(*(getattr(greedy, h).tolist() for h in HEADS)))
     assert len({g[1] for g in got}) > 1 and len({g[0] for g in got}) > 1
+
+
+def test_stage2_knows_the_tier_even_when_the_latency_token_does_not():
+    """The latency token barely encodes the tier, so stage 2 is told stage 1's decision."""
+    space, policy, lang, tokens, budget = policy_and_inputs(batch=4, seed=5)
+    same = tokens[:, :1].expand_as(tokens)  # one token for every tier
+    feat = policy.budget(budget)
+    ins = torch.zeros(4, dtype=torch.long)
+    low = policy.stage2_logits(same[:, 0, 0], feat, torch.zeros_like(ins), ins)[0]
+    high = policy.stage2_logits(same[:, 0, 0], feat, torch.full_like(ins, len(space.tiers) - 1), ins)[0]
+    assert not torch.allclose(low, high)
+
+
+def test_slo_accuracy_counts_late_answers_only_past_the_allowed_violation_rate():
+    from lvlm_ctrl.grpo.module import slo_accuracy
+
+    got = slo_accuracy([0.9, 0.9, 0.8], [0.04, 0.06, 0.0], [0.86, 0.84, 0.8], max_violation=0.05)
+    assert got == [0.9, 0.84, 0.8]
 
 
 def test_group_advantages_including_zero_std_groups():
@@ -142,6 +160,12 @@ def test_reward_terms():
     assert comps["complexity"].tolist() == pytest.approx([-0.05, -0.1])
     assert comps["latency_sigmoid"][0].item() > -0.01 and comps["latency_sigmoid"][1].item() < -0.49
     assert total_reward(comps)[0].item() > total_reward(comps)[1].item()
+    far = reward_components(cfg, torch.ones(2), torch.tensor([150.0, 1000.0]), torch.tensor([100.0, 100.0]),
+                            torch.ones(2))
+    assert far["violation_rel"].tolist() == pytest.approx([-0.5, -0.5])  # capped at max_over=0.5
+    uncapped = RewardConfig(max_over=None)
+    assert reward_components(uncapped, torch.ones(1), torch.tensor([1000.0]), torch.tensor([100.0]),
+                             torch.ones(1))["violation_rel"].item() == pytest.approx(-9.0)
 
 
 def test_budget_distributions(tmp_path):
@@ -162,9 +186,9 @@ def test_budget_distributions(tmp_path):
 
 
 def test_serving_language_feature_matches_training(backbone):
-    """Serving tokenises one question through the Rust backend and averages a view of the embedding;
+    """Serving tokenises one question through the Rust backend and sums a view of the embedding;
     training batches questions through the tokenizer with padding: both must give the same feature."""
-    from lvlm_ctrl.controllers.grpo import embedding_view, language_feature
+    from lvlm_ctrl.controllers.grpo import embedding_view, language_sum
     from lvlm_ctrl.grpo.env import language_features
 
     questions = ["what shape is in the image?", "is there a red shape?", "what color is the circle?"]
@@ -172,5 +196,6 @@ def test_serving_language_feature_matches_training(backbone):
     table = embedding_view(backbone)
     assert table is not None  # the embedded default is float32 on the CPU: the numpy path is the one served
     for q, row in zip(questions, batch):
-        for got in (language_feature(backbone, q, table), language_feature(backbone, q)):
-            assert torch.allclose(torch.from_numpy(got), row, atol=1e-6)
+        for total, n in (language_sum(backbone, q, table), language_sum(backbone, q)):
+            assert n == len(backbone.tokenizer(q, add_special_tokens=False)["input_ids"])
+            assert torch.allclose(torch.from_numpy(total) / n, row, atol=1e-6)

@@ -65,7 +65,7 @@ def test_grpo_trains_checkpoints_and_resumes(tmp_path, profile_dir):
     assert torch.load(last, weights_only=False)["global_step"] > first  # resumed from last, went on
     header = ",".join(f.read_text().splitlines()[0] for f in (tmp_path / "csv").rglob("metrics.csv"))
     for key in ("train/reward_mean", "train/frac_zero_std_groups", "train/clip_ratio", "entropy/tier",
-                "reward/violation_sq_mean", "val/auc", "val/auc_in_budget", "knobs/tier_mean_index"):
+                "reward/violation_sq_mean", "val/auc", "val/auc_in_budget", "val/auc_slo", "knobs/tier_mean_index"):
         assert key in header
 
 

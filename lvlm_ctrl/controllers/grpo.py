@@ -65,14 +65,14 @@ class GRPOController:
         """Answer one request; returns (Generation with the chosen knobs, controller overhead in ms)."""
         t0 = time.perf_counter()
         budget_ms = float(budget_ms)
-        tier_i, ins_i = self.kernel.stage1(language_feature(backbone, question, self.embeddings), budget_ms)
+        tier_i, ins_i = self.kernel.stage1(*language_sum(backbone, question, self.embeddings), budget_ms)
         space = self.policy.space
         p = space.insertions[ins_i]
         options = space.num_blocks_options(p)
         stage1_ms = (time.perf_counter() - t0) * 1e3
 
         def stage2(token):
-            k, n = self.kernel.stage2(as_numpy(token[0]), budget_ms, ins_i, len(options))
+            k, n = self.kernel.stage2(as_numpy(token)[0], budget_ms, tier_i, ins_i, len(options))
             return space.top_ks[k], options[n]
 
         knobs = Knobs(space.tiers[tier_i], p, max(space.top_ks), space.num_layers)
@@ -80,17 +80,18 @@ class GRPOController:
         return gen, stage1_ms + gen.stage2_ms
 
 
-def language_feature(backbone, question: str, table: np.ndarray | None = None) -> np.ndarray:
-    """grpo.env.language_features for one question, through the tokenizer's Rust backend if it has
-    one; `table`: embedding_view(backbone), read without torch when there is one."""
+def language_sum(backbone, question: str, table: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """grpo.env.language_features for one question as (sum of its input embeddings, token count),
+    through the tokenizer's Rust backend if it has one; `table`: embedding_view(backbone), read
+    without torch when there is one. The kernel divides by the count after its first matmul."""
     tok = backbone.tokenizer
     fast = getattr(tok, "backend_tokenizer", None)
     ids = (fast.encode(question, add_special_tokens=False).ids if fast is not None
            else tok(question, add_special_tokens=False)["input_ids"]) or [tok.pad_token_id or 0]
-    if table is not None:  # add.reduce: numpy's mean() is a Python wrapper, slow on a cold cache
-        return np.add.reduce(table[ids], axis=0) / np.float32(len(ids))
+    if table is not None:
+        return table.take(ids, 0).sum(0), len(ids)
     emb = backbone.model.get_input_embeddings().weight
-    return emb[torch.tensor(ids, device=emb.device)].float().mean(0).cpu().numpy()
+    return emb[torch.tensor(ids, device=emb.device)].float().sum(0).cpu().numpy(), len(ids)
 
 
 def embedding_view(backbone) -> np.ndarray | None:

@@ -24,7 +24,8 @@ class GRPOModule(L.LightningModule):
     def __init__(self, policy: TwoStagePolicy, env, lang: torch.Tensor, tokens: torch.Tensor, budgets,
                  reward: RewardConfig, group_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0,
                  clip_eps: float = 0.2, kl_coef: float = 0.0, entropy_coef: float = 0.01, num_iterations: int = 1,
-                 scale_rewards: str = "group", stage2_warmup_steps: int = 0, val_budgets: list[float] | None = None, val_idx=None):
+                 scale_rewards: str = "group", stage2_warmup_steps: int = 0, val_budgets: list[float] | None = None,
+                 val_max_violation: float = 0.05):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -37,7 +38,7 @@ class GRPOModule(L.LightningModule):
         self.num_iterations, self.scale_rewards = num_iterations, scale_rewards
         self.stage2_warmup_steps = stage2_warmup_steps
         self.val_budgets = list(val_budgets or [])
-        self.val_idx = val_idx
+        self.val_max_violation = val_max_violation
         self.val_acc = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
         self.val_violation = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
         self.val_ratio = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
@@ -130,9 +131,10 @@ class GRPOModule(L.LightningModule):
             for m in metrics:
                 m.reset()
         self.log("val/auc", budget_auc(self.val_budgets, accs), prog_bar=True)
-        # the checkpoint's criterion: an answer over budget counts as wrong, so always running the
-        # full model does not win
+        # an answer over budget counts as wrong, so always running the full model does not win
         self.log("val/auc_in_budget", budget_auc(self.val_budgets, in_budget), prog_bar=True)
+        slo = slo_accuracy(accs, viols, in_budget, self.val_max_violation)
+        self.log("val/auc_slo", budget_auc(self.val_budgets, slo), prog_bar=True)
         self.log("val/accuracy", torch.stack(accs).mean())
         self.log("val/violation_rate", torch.stack(viols).mean())
         self.log("val/max_violation_rate", torch.stack(viols).max())
@@ -152,6 +154,14 @@ def budget_auc(budgets: list[float], values: list[torch.Tensor]) -> torch.Tensor
         return torch.stack(values).mean()
     xs = torch.tensor(budgets)
     return torch.trapezoid(torch.stack(values), xs) / (xs[-1] - xs[0])
+
+
+def slo_accuracy(accs, violations, in_budget, max_violation: float) -> list:
+    """best.ckpt's criterion, a service-level objective per budget: kept at least 1 - max_violation
+    of the time, its accuracy; missed more often, its in-budget accuracy (late answers count wrong).
+    In-budget accuracy alone would trade 4 points of accuracy for 3% fewer violations, which the
+    objective allows."""
+    return [a if v <= max_violation else ib for a, v, ib in zip(accs, violations, in_budget)]
 
 
 def _cpu(d: Decision) -> Decision:

@@ -1,8 +1,8 @@
 """Reward = accuracy minus budget-violation penalties (seeds/000); every term and weight is config.
 
     accuracy            w * acc
-    violation_sq        -w * max(0, (lat - budget) / budget) ** 2     squared relative violation
-    violation_rel       -w * max(0, (lat - budget) / budget)          linear relative violation
+    violation_sq        -w * over ** 2     squared relative violation, over = (lat - budget) / budget
+    violation_rel       -w * over          linear relative violation   (over in [0, max_over])
     latency_sigmoid     -w * sigmoid((lat / budget - 1) / temperature) soft penalty near the budget
     complexity          -w * relative cost of the configuration (tier x top_k x blocks, in [0, 1])
     efficiency          +w * (1 - lat / budget) when within budget and correct
@@ -24,11 +24,13 @@ class RewardConfig:
     sigmoid_temperature: float = 0.05
     complexity: float = 0.0
     efficiency: float = 0.05
+    max_over: float | None = 0.5  # unbounded, a budget far below the feasible range gives rewards of -10
+    # and more; those groups outweigh every accuracy difference and stage 1 collapses in 40 steps
 
 
 def reward_components(cfg: RewardConfig, accuracy: torch.Tensor, latency: torch.Tensor, budget: torch.Tensor,
                       complexity: torch.Tensor) -> dict[str, torch.Tensor]:
-    over = ((latency - budget) / budget).clamp(min=0)
+    over = ((latency - budget) / budget).clamp(min=0, max=cfg.max_over)
     ratio = latency / budget
     within = (latency <= budget).float()
     return {
