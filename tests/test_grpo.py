@@ -199,3 +199,31 @@ def test_serving_language_feature_matches_training(backbone):
         for total, n in (language_sum(backbone, q, table), language_sum(backbone, q)):
             assert n == len(backbone.tokenizer(q, add_special_tokens=False)["input_ids"])
             assert torch.allclose(torch.from_numpy(total) / n, row, atol=1e-6)
+
+
+def test_serving_decides_as_the_policy_does(backbone, easy_samples):
+    """GRPOController.serve (numpy kernel inside the serving forward pass) takes the policy's greedy
+    decision for the same question, budget and latency token, at budgets that lead to different tiers."""
+    from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
+    from lvlm_ctrl.controllers.grpo import GRPOController, embedding_view
+    from lvlm_ctrl.grpo.env import language_features
+
+    space = backbone.space
+    torch.manual_seed(7)
+    d = backbone.model.get_input_embeddings().weight.shape[1]
+    policy = TwoStagePolicy(space, d_model=d, hidden=32).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(3)
+    ctl = GRPOController()
+    ctl.policy, ctl.kernel, ctl.embeddings = policy, ArgmaxKernel(policy, d), embedding_view(backbone)
+    tiers = set()
+    for s in easy_samples[:3]:
+        lang = language_features(backbone, [s.question])
+        for budget in (5.0, 20.0, 80.0, 300.0, 2000.0):
+            gen, overhead = ctl.serve(backbone, s.question, s.load_image(), budget)
+            tokens = gen.latency_token.reshape(1, 1, 1, -1).expand(1, len(space.tiers), len(space.insertions), d)
+            want = policy.act(lang, tokens.float(), torch.tensor([budget]), greedy=True).knobs(space)[0]
+            assert gen.knobs == want and overhead > 0
+            tiers.add(want.tier)
+    assert len(tiers) > 1  # the budget reaches the decision

@@ -65,7 +65,8 @@ class GRPOController:
         """Answer one request; returns (Generation with the chosen knobs, controller overhead in ms)."""
         t0 = time.perf_counter()
         budget_ms = float(budget_ms)
-        tier_i, ins_i = self.kernel.stage1(*language_sum(backbone, question, self.embeddings), budget_ms)
+        lang_sum, n_tokens = language_sum(backbone, question, self.embeddings)
+        tier_i, ins_i = self.kernel.stage1(lang_sum, budget_ms, n_tokens)
         space = self.policy.space
         p = space.insertions[ins_i]
         options = space.num_blocks_options(p)
