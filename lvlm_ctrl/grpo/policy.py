@@ -69,7 +69,7 @@ class TwoStagePolicy(nn.Module):
         # which allows the fewest blocks, fits the medium tier, while any p fits the low one)
         self.stage1 = mlp(d_model + budget_dim, hidden, len(space.tiers) * (1 + len(space.insertions)))
         # stage 2 sees stage 1's decision (tier, p) as an embedding: the latency token hardly encodes
-        # the tier (nearest-centroid accuracy 37% over 3 tiers, test split), yet the top_k and
+        # the tier (nearest-centroid accuracy 36-41% over 3 tiers, test split), yet the top_k and
         # num_blocks that fit a budget depend on it
         self.n_tier, self.n_ins = len(space.tiers), len(space.insertions)
         self.decision_embed = nn.Embedding(self.n_tier * self.n_ins, 32)
