@@ -30,11 +30,11 @@ def bootstrap(answers: pd.DataFrame, measured: pd.DataFrame, seed: int = 0) -> p
     if set(answers["backbone"]) != set(measured["backbone"]):
         raise UserError(f"the profiles come from different backbones ({sorted(set(answers['backbone']))} vs "
                         f"{sorted(set(measured['backbone']))}); bootstrap a profile of the same backbone")
-    own = sorted(set(measured["sample_id"]))
+    own = set(measured["sample_id"])
     rng = np.random.default_rng(seed)
     ids = sorted(set(answers["sample_id"]))
-    drawn = rng.choice(own, size=len(ids))
-    donor = {s: s if s in set(own) else d for s, d in zip(ids, drawn)}
+    drawn = rng.choice(sorted(own), size=len(ids))
+    donor = {s: s if s in own else d for s, d in zip(ids, drawn)}
     lat = measured[["sample_id", *KNOB_COLUMNS, *LATENCY]].rename(columns={"sample_id": "donor"})
     out = answers.drop(columns=LATENCY).assign(donor=answers["sample_id"].map(donor))
     out = out.merge(lat, on=["donor", *KNOB_COLUMNS], how="left", validate="many_to_one")

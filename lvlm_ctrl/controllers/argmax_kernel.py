@@ -62,8 +62,9 @@ class ArgmaxKernel:
         out += b[1]
         return out
 
-    def stage1(self, lang_sum: np.ndarray, budget_ms: float, n_tokens: int = 1) -> tuple[int, int]:
-        """lang_sum: the sum of the question's input embeddings over its n_tokens tokens."""
+    def stage1(self, lang_sum: np.ndarray, budget_ms: float, *, n_tokens: int) -> tuple[int, int]:
+        """lang_sum: the sum of the question's input embeddings over its n_tokens tokens (keyword-only:
+        passed positionally, a token count once took the budget's place)."""
         first = self.w1[0] @ lang_sum
         first *= np.float32(1.0 / n_tokens)
         first += self.budget_bias(budget_ms)[0]

@@ -66,7 +66,7 @@ class GRPOController:
         t0 = time.perf_counter()
         budget_ms = float(budget_ms)
         lang_sum, n_tokens = language_sum(backbone, question, self.embeddings)
-        tier_i, ins_i = self.kernel.stage1(lang_sum, budget_ms, n_tokens)
+        tier_i, ins_i = self.kernel.stage1(lang_sum, budget_ms, n_tokens=n_tokens)
         space = self.policy.space
         p = space.insertions[ins_i]
         options = space.num_blocks_options(p)

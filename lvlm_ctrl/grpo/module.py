@@ -138,11 +138,11 @@ class GRPOModule(L.LightningModule):
         self.log("val/accuracy", torch.stack(accs).mean())
         self.log("val/violation_rate", torch.stack(viols).mean())
         self.log("val/max_violation_rate", torch.stack(viols).max())
-        self.curve = [(b, float(a), float(v)) for b, a, v in zip(self.val_budgets, accs, viols)]
         if isinstance(self.logger, WandbLogger) and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             import wandb
 
-            table = wandb.Table(columns=["budget_ms", "accuracy", "violation_rate"], data=[list(r) for r in self.curve])
+            curve = [[b, float(a), float(v)] for b, a, v in zip(self.val_budgets, accs, viols)]
+            table = wandb.Table(columns=["budget_ms", "accuracy", "violation_rate"], data=curve)
             self.logger.experiment.log({"val/accuracy_vs_budget": table, "val/accuracy_vs_budget_plot":
                                         wandb.plot.line(table, "budget_ms", "accuracy", title="accuracy vs budget"),
                                         "trainer/global_step": self.global_step})
