@@ -32,7 +32,8 @@ def main() -> None:
 
     from lvlm_ctrl.controllers.grpo import load_policy
     from lvlm_ctrl.controllers.lookup import LookupTable
-    from lvlm_ctrl.grpo.env import ProfileEnv, language_features, latency_tokens
+    from lvlm_ctrl.grpo.env import (ProfileEnv, budget_token_latency_tokens, language_features, latency_tokens,
+                                    prompt_states)
     from lvlm_ctrl.grpo.module import budget_auc
     from lvlm_ctrl.grpo.policy import Decision
     from lvlm_ctrl.profile_bootstrap import bootstrap
@@ -59,6 +60,7 @@ def main() -> None:
     lo, hi = table.feasible_range()
     budgets = [round(lo + (hi - lo) * i / 9, 2) for i in range(10)]
     idx = torch.arange(len(env))
+    states = []  # the prompts' states, for budget-token checkpoints
 
     def lookup(b: float) -> Decision:
         c = table.predict(b)
@@ -78,7 +80,18 @@ def main() -> None:
     print(f"{'':>40} " + " ".join(f"{b:6.1f}" for b in budgets))
     for ck in a.ckpts:
         policy, _ = load_policy(ck)
-        report[ck] = replay(lambda b: policy.act(lang, tokens, torch.full((len(env),), b), greedy=True))
+
+        @torch.no_grad()
+        def decide(b: float) -> Decision:
+            budget = torch.full((len(env),), b)
+            if policy.budget_token is None:
+                return policy.act(lang, tokens, budget, greedy=True)
+            if not states:
+                states.extend(prompt_states(backbone, samples))
+            per_budget = budget_token_latency_tokens(backbone, policy.budget_query(budget), states, idx)
+            return policy.act(lang, per_budget, budget, greedy=True)
+
+        report[ck] = replay(decide)
         report[ck]["min_points_vs_lookup"] = round(100 * min(
             r["accuracy"] - q["accuracy"] for r, q in zip(report[ck]["results"], report["lookup"]["results"])), 2)
     for name, r in report.items():

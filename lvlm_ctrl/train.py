@@ -35,7 +35,7 @@ def train_lookup(cfg: DictConfig) -> float:
 
 
 def train_grpo(cfg: DictConfig) -> float:
-    from lvlm_ctrl.grpo.env import ProfileEnv, language_features, latency_tokens
+    from lvlm_ctrl.grpo.env import ProfileEnv, language_features, latency_tokens, prompt_states
     from lvlm_ctrl.grpo.module import GRPOModule
     from lvlm_ctrl.grpo.policy import TwoStagePolicy
     from lvlm_ctrl.grpo.rewards import RewardConfig
@@ -53,19 +53,25 @@ def train_grpo(cfg: DictConfig) -> float:
     samples = [by_id[i] for i in env.sample_ids]
     # clone: tensors made under inference_mode cannot be module buffers that DDP broadcasts
     lang = language_features(backbone, [s.question for s in samples]).clone()
-    tokens = latency_tokens(backbone, samples).clone()
+    if c.budget_token:  # the latency token depends on the budget: keep the prompts' states instead
+        states = [tuple(t.clone() for t in tier) for tier in prompt_states(backbone, samples)]
+        tokens = torch.empty(0)
+    else:
+        states, tokens = None, latency_tokens(backbone, samples).clone()
     held = torch.tensor(held_out_mask(env.sample_ids, c.val_fraction))
     train_idx, val_idx = torch.where(~held)[0], torch.where(held)[0]
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise UserError("too few profiled samples to hold out a validation set; profile more samples")
-    policy = TwoStagePolicy(backbone.space, d_model=lang.shape[1], hidden=c.hidden)
+    env.use_for_slo(train_idx)
+    policy = TwoStagePolicy(backbone.space, d_model=lang.shape[1], hidden=c.hidden, budget_token=c.budget_token)
     budgets = hydra.utils.instantiate(cfg.budget).bind(env.feasible)
     val_budgets = torch.linspace(*env.feasible, c.val_num_budgets).tolist()
     module = GRPOModule(policy, env, lang, tokens, budgets, RewardConfig(**c.reward), group_size=c.group_size,
                         lr=c.lr, clip_eps=c.clip_eps, kl_coef=c.kl_coef, entropy_coef=c.entropy_coef,
                         num_iterations=c.num_iterations, scale_rewards=c.scale_rewards,
                         stage2_warmup_steps=c.stage2_warmup_steps, val_budgets=val_budgets,
-                        val_max_violation=c.val_max_violation)
+                        val_max_violation=c.val_max_violation, backbone=backbone if c.budget_token else None,
+                        prompt_states=states)
     train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_idx), batch_size=c.batch_size,
                                                shuffle=True, drop_last=len(train_idx) > c.batch_size)
     val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(val_idx), batch_size=len(val_idx))

@@ -168,6 +168,32 @@ def test_reward_terms():
                              torch.ones(1))["violation_rel"].item() == pytest.approx(-9.0)
 
 
+def test_slo_term_counts_how_often_a_configuration_is_late_on_the_training_samples():
+    import pandas as pd
+
+    from lvlm_ctrl.grpo.env import ProfileEnv
+
+    space = KnobSpace()
+    fast, slow = space.cheapest(), space.full()
+    rows = [{"sample_id": f"s{i:02d}", **k.as_dict(), "accuracy": 1.0, "T_total_ms": lat}
+            for i in range(20) for k, lat in ((fast, 10.0 + i), (slow, 50.0 + i))]
+    env = ProfileEnv(pd.DataFrame(rows), space)
+    ids = lambda k: Decision(*(torch.tensor([i]) for i in (  # noqa: E731
+        space.tiers.index(k.tier), space.insertions.index(k.insertion), space.top_ks.index(k.top_k),
+        k.num_blocks - space.num_blocks_options(k.insertion)[0])))
+    assert env.miss_rate(ids(fast), torch.tensor([19.5])).item() == pytest.approx(0.5)  # 20..29 are late
+    assert env.miss_rate(ids(fast), torch.tensor([29.0])).item() == 0.0
+    assert env.miss_rate(ids(slow), torch.tensor([29.0])).item() == 1.0
+    env.use_for_slo(torch.arange(10))  # only samples s0..s9 (10..19 ms) count now
+    assert env.miss_rate(ids(fast), torch.tensor([19.5])).item() == 0.0
+    cfg = RewardConfig(slo=0.5, slo_max_violation=0.05)
+    comps = reward_components(cfg, torch.ones(3), torch.full((3,), 10.0), torch.full((3,), 100.0), torch.ones(3),
+                              miss_rate=torch.tensor([0.0, 0.05, 0.06]))
+    assert comps["slo"].tolist() == pytest.approx([0.0, 0.0, -0.5])
+    assert reward_components(RewardConfig(), torch.ones(1), torch.ones(1), torch.ones(1),
+                             torch.ones(1))["slo"].item() == 0.0  # off by default: no miss rate needed
+
+
 def test_budget_distributions(tmp_path):
     g = torch.Generator().manual_seed(0)
     u = Uniform().bind((10.0, 50.0)).sample(1000, g)
@@ -227,3 +253,38 @@ def test_serving_decides_as_the_policy_does(backbone, easy_samples):
             assert gen.knobs == want and overhead > 0
             tiers.add(want.tier)
     assert len(tiers) > 1  # the budget reaches the decision
+
+
+def test_budget_token_latency_token_is_the_same_in_training_and_serving(backbone, easy_samples):
+    """controller.budget_token: training reads the budget token's hidden state from cached prompt
+    states, serving from the live prefill; both must agree, the answer must be the one without the
+    token, the token must depend on the budget, and its gradient must reach the policy."""
+    from lvlm_ctrl.grpo.env import budget_token_latency_tokens, prompt_states
+    from lvlm_ctrl.knobs import Knobs
+
+    space, samples = backbone.space, easy_samples[:5]
+    torch.manual_seed(3)
+    d = backbone.model.get_input_embeddings().weight.shape[1]
+    policy = TwoStagePolicy(space, d_model=d, hidden=32, budget_token=True)
+    states = [tuple(t.clone() for t in tier) for tier in prompt_states(backbone, samples, batch_size=3)]
+    budget = torch.tensor([12.0, 20.0, 30.0, 40.0, 50.0])
+    tokens = budget_token_latency_tokens(backbone, policy.budget_query(budget), states, torch.arange(5))
+    assert tokens.shape == (5, len(space.tiers), len(space.insertions), d)
+    tokens.square().sum().backward()
+    assert policy.budget_token.weight.grad.abs().sum() > 0
+    other = budget_token_latency_tokens(backbone, policy.budget_query(budget + 10), states, torch.arange(5))
+    assert not torch.allclose(tokens, other)
+    seen = {}
+
+    def decide(token):
+        seen["token"] = token
+        return 6, 14
+
+    sample, tier, p = samples[4], space.tiers.index("medium"), 3
+    with torch.no_grad():
+        query = policy.budget_query(budget[4:])
+    image = sample.load_image()
+    served = backbone.generate([image], [sample.question], Knobs("medium", p, 8, 16), decide=decide, query=query)
+    plain = backbone.generate([image], [sample.question], Knobs("medium", p, 6, 14))
+    assert torch.allclose(seen["token"][0], tokens[4, tier, space.insertions.index(p)].detach(), atol=1e-5)
+    assert served.token_ids == plain.token_ids and served.knobs == Knobs("medium", p, 6, 14)

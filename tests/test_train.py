@@ -69,15 +69,18 @@ def test_grpo_trains_checkpoints_and_resumes(tmp_path, profile_dir):
         assert key in header
 
 
-def test_budgeted_vqa_from_a_train_run(tmp_path, profile_dir):
+@pytest.mark.parametrize("budget_token", [False, True])
+def test_budgeted_vqa_from_a_train_run(tmp_path, profile_dir, budget_token):
     """The Python entry point: load a train run (its saved config and checkpoint), answer a batch."""
     from PIL import Image
 
     from lvlm_ctrl.infer import BudgetedVQA
 
     cfg = compose_train(tmp_path, "controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}",
-                        "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "controller.batch_size=8")
+                        "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "controller.batch_size=8",
+                        f"controller.budget_token={budget_token}")
     train_grpo(cfg)
+    assert (load_policy(tmp_path / "checkpoints" / "last.ckpt")[0].budget_token is not None) == budget_token
     (tmp_path / ".hydra").mkdir()
     with open_dict(cfg):
         del cfg["hydra"]

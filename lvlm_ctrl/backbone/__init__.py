@@ -92,11 +92,13 @@ class Backbone:
     def generate(self, images, questions, knobs: Knobs, *, use_cache: bool = True,
                  stop_at_eos: bool = True, capture: bool = False,
                  max_new_tokens: int | None = None, kept: list[int] | None = None,
-                 decide=None) -> Generation:
+                 decide=None, query: torch.Tensor | None = None) -> Generation:
         """Greedy answers for a batch at `knobs`; `kept` overrides the block list (importance uses it).
 
         With `decide(latency_token) -> (top_k, num_blocks)`, only knobs.tier and knobs.insertion are
-        fixed up front; stage 2 decides the rest after block p-1 of the same prefill.
+        fixed up front; stage 2 decides the rest after block p-1 of the same prefill. With a `query`
+        (the budget token's embedding, (B, 1, d)), the latency token is that token's hidden state
+        after block p-1, run behind the prompt (KnobHooks.probe) and counted as stage 2's time.
         """
         max_new = max_new_tokens or self.max_new_tokens
         t0 = self._now()
@@ -111,6 +113,10 @@ class Backbone:
         if decide is not None:
             def timed(token):
                 t = self._now()
+                if query is not None:
+                    layers = cache.layers[:knobs.insertion]
+                    token = self.hooks.probe(query, [c.keys for c in layers], [c.values for c in layers],
+                                             enc["attention_mask"], [knobs.insertion])[:, 0]
                 out = decide(token)
                 stage2_s[0] = self._now() - t
                 return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from lvlm_ctrl.knobs import Knobs
 
@@ -108,6 +109,47 @@ class KnobHooks:
         finally:
             handle.remove()
             self._restore(saved)
+
+    def probe(self, query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+              attention_mask: torch.Tensor, insertions: list[int]) -> torch.Tensor:
+        """The budget token's pass (controller.budget_token): `query` (B, 1, d) runs through blocks
+        [0, max p) as one more token after a prompt whose per-block keys and values are given
+        ((B, heads, L, head_dim) each, left-padded as `attention_mask` (B, L)). Returns its hidden
+        state after block p-1 for each p of `insertions`: (B, len(insertions), d).
+
+        The token is appended after the prompt's pass, in a cache of its own, so the prompt's
+        states, and the answer, are exactly those without it (causal attention): the profile stays
+        valid, and only the latency token learns the budget."""
+        last = max(insertions)
+        cache = DynamicCache()
+        for i in range(last):
+            cache.update(keys[i], values[i], i)
+        attn = torch.cat([attention_mask, attention_mask.new_ones(len(query), 1)], dim=1)
+        position = attention_mask.sum(-1, keepdim=True)  # real tokens count from 0
+        out: dict[int, torch.Tensor] = {}
+
+        def grab(p):
+            def hook(_module, _args, output):
+                out[p] = (output[0] if isinstance(output, tuple) else output)[:, -1]
+            return hook
+
+        handles = [self.blocks[p - 1].register_forward_hook(grab(p)) for p in set(insertions)]
+        config = self.decoder.config
+        saved = self.decoder.layers, config.num_hidden_layers, getattr(config, "layer_types", None)
+        try:
+            self.decoder.layers = nn.ModuleList(self.blocks[:last])
+            config.num_hidden_layers = last
+            if saved[2] is not None:
+                config.layer_types = saved[2][:last]
+            self.decoder(inputs_embeds=query, attention_mask=attn, position_ids=position, past_key_values=cache,
+                         use_cache=True)
+        finally:
+            for h in handles:
+                h.remove()
+            self.decoder.layers, config.num_hidden_layers = saved[0], saved[1]
+            if saved[2] is not None:
+                config.layer_types = saved[2]
+        return torch.stack([out[p] for p in insertions], dim=1)
 
     # ---- the three moves every path shares ----------------------------------------------
     def _save(self):

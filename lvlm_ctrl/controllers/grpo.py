@@ -29,7 +29,8 @@ def load_policy(ckpt: str | Path) -> tuple[TwoStagePolicy, dict]:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         hp = ckpt["hyper_parameters"]
         space = KnobSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in hp["space"].items()})
-        policy = TwoStagePolicy(space, d_model=hp["d_model"], budget_dim=hp["budget_dim"], hidden=hp["hidden"])
+        policy = TwoStagePolicy(space, d_model=hp["d_model"], budget_dim=hp["budget_dim"], hidden=hp["hidden"],
+                                budget_token=hp.get("budget_token", False))
         state = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
         policy.load_state_dict(state)
     except (KeyError, RuntimeError, EOFError, TypeError) as err:
@@ -54,6 +55,7 @@ class GRPOController:
                             f"than this backbone's ({backbone.space})")
         self.kernel = ArgmaxKernel(self.policy, self.hparams["d_model"])
         self.embeddings = embedding_view(backbone)
+        self.queries: dict[float, torch.Tensor] = {}  # the budget token's embedding per budget
         return self
 
     def default_budgets(self, n: int) -> list[float]:
@@ -70,6 +72,11 @@ class GRPOController:
         space = self.policy.space
         p = space.insertions[ins_i]
         options = space.num_blocks_options(p)
+        query = None
+        if self.policy.budget_token is not None:
+            if (query := self.queries.get(budget_ms)) is None:
+                query = self.policy.budget_query(torch.tensor([budget_ms])).to(backbone.device, backbone.model.dtype)
+                self.queries[budget_ms] = query
         stage1_ms = (time.perf_counter() - t0) * 1e3
 
         def stage2(token):
@@ -77,7 +84,7 @@ class GRPOController:
             return space.top_ks[k], options[n]
 
         knobs = Knobs(space.tiers[tier_i], p, max(space.top_ks), space.num_layers)
-        gen = backbone.generate([image], [question], knobs, decide=stage2)
+        gen = backbone.generate([image], [question], knobs, decide=stage2, query=query)
         return gen, stage1_ms + gen.stage2_ms
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+from transformers import DynamicCache
 
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.policy import Decision
@@ -47,6 +48,12 @@ class ProfileEnv:
         q95 = torch.nanquantile(self.latency.reshape(len(self.sample_ids), -1), 0.95, dim=0).numpy()
         self.feasible = (float(np.nanmin(q95)), float(np.nanmax(q95)))
         self.tier_cost = torch.arange(1, len(space.tiers) + 1, dtype=torch.float32) / len(space.tiers)
+        self.use_for_slo(torch.arange(len(self.sample_ids)))
+
+    def use_for_slo(self, rows: torch.Tensor) -> None:
+        """The samples a configuration's miss rate is counted on (the training split, not validation)."""
+        lat = self.latency[rows].movedim(0, -1)  # (tiers, P, K, N, S), sorted to count by bisection
+        self._sorted_latency = lat.nan_to_num(float("inf")).sort(dim=-1).values
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -58,6 +65,13 @@ class ProfileEnv:
             raise UserError("a sampled configuration is missing from the profile: profile every configuration "
                             "of the training samples (python -m lvlm_ctrl.profile)")
         return acc, lat
+
+    def miss_rate(self, d: Decision, budget: torch.Tensor) -> torch.Tensor:
+        """Per row: the fraction of the SLO samples on which the row's configuration runs over the
+        row's budget: the population statistic the lookup table decides by (its q95 latency)."""
+        lat = self._sorted_latency[d.tier, d.insertion, d.top_k, d.num_blocks]  # (B, S)
+        within = torch.searchsorted(lat, budget.float()[:, None].contiguous(), right=True)[:, 0]
+        return 1.0 - within.float() / lat.shape[1]
 
     def complexity(self, d: Decision) -> torch.Tensor:
         """Relative cost in [0, 1]: tier x top_k x active blocks, normalised by the full model."""
@@ -96,3 +110,49 @@ def latency_tokens(backbone, samples, batch_size: int = 64) -> torch.Tensor:
             per_tier.append(torch.stack([hs[p][:, -1] for p in space.insertions], dim=1))
         out.append(torch.stack(per_tier, dim=1).float().cpu())
     return torch.cat(out)
+
+
+@torch.inference_mode()
+def prompt_states(backbone, samples, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per tier: the prompt's keys and values in blocks [0, max p) ((S, max p, heads, L, head_dim)
+    each, left-padded to the tier's longest prompt) and its attention mask (S, L). With these, the
+    budget token's latency token (budget_token_latency_tokens) costs max p blocks of one token."""
+    space, hooks = backbone.space, backbone.hooks
+    last = max(space.insertions)
+    out = []
+    for tier in space.tiers:
+        keys, values, masks = [], [], []
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            enc = backbone.encode([s.load_image() for s in chunk], [s.question for s in chunk], tier)
+            attn = enc["attention_mask"]
+            cache = DynamicCache()
+            with hooks.run_blocks(list(range(last))):
+                backbone.model(inputs_embeds=backbone.embed(enc), attention_mask=attn,
+                               position_ids=backbone.positions(attn), past_key_values=cache, use_cache=True,
+                               logits_to_keep=1)
+            keys.append(torch.stack([cache.layers[i].keys for i in range(last)], dim=1).float().cpu())
+            values.append(torch.stack([cache.layers[i].values for i in range(last)], dim=1).float().cpu())
+            masks.append(attn.cpu())
+        length = max(m.shape[1] for m in masks)
+        out.append((torch.cat([_left_pad(k, length, -2) for k in keys]),
+                    torch.cat([_left_pad(v, length, -2) for v in values]),
+                    torch.cat([_left_pad(m, length, -1) for m in masks])))
+    return out
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    pad = [0, 0] * (-dim - 1) + [length - t.shape[dim], 0]
+    return torch.nn.functional.pad(t, pad)
+
+
+def budget_token_latency_tokens(backbone, query: torch.Tensor, states, rows: torch.Tensor) -> torch.Tensor:
+    """(B, tiers, P, d): the budget token `query` (B, 1, d) run behind each row's prompt at every
+    tier; differentiable in `query` (the backbone stays frozen)."""
+    insertions = list(backbone.space.insertions)
+    dtype, per_tier = backbone.model.dtype, []
+    for keys, values, mask in states:
+        k, v = (t[rows].to(query.device, dtype) for t in (keys, values))
+        per_tier.append(backbone.hooks.probe(query.to(dtype), list(k.unbind(1)), list(v.unbind(1)),
+                                             mask[rows].to(query.device), insertions).float())
+    return torch.stack(per_tier, dim=1)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torchmetrics import MeanMetric
 
+from lvlm_ctrl.grpo.env import budget_token_latency_tokens
 from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
 from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy
 from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
@@ -25,7 +26,9 @@ class GRPOModule(L.LightningModule):
                  reward: RewardConfig, group_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0,
                  clip_eps: float = 0.2, kl_coef: float = 0.0, entropy_coef: float = 0.01, num_iterations: int = 1,
                  scale_rewards: str = "group", stage2_warmup_steps: int = 0, val_budgets: list[float] | None = None,
-                 val_max_violation: float = 0.05):
+                 val_max_violation: float = 0.05, backbone=None, prompt_states=None):
+        """tokens: the precomputed latency tokens (S, tiers, P, d); with a budget-token policy, the
+        backbone and its prompt_states (grpo.env) instead, from which they are computed per budget."""
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy
@@ -33,6 +36,9 @@ class GRPOModule(L.LightningModule):
         self.env, self.budgets, self.reward = env, budgets, reward
         self.register_buffer("lang", lang, persistent=False)
         self.register_buffer("tokens", tokens, persistent=False)
+        self.backbone, self.prompt_states = backbone, prompt_states  # not submodules: frozen, never saved
+        if policy.budget_token is not None and (backbone is None or prompt_states is None):
+            raise ValueError("a budget-token policy needs the backbone and its prompt_states")
         self.group_size, self.lr, self.weight_decay = group_size, lr, weight_decay
         self.clip_eps, self.kl_coef, self.entropy_coef = clip_eps, kl_coef, entropy_coef
         self.num_iterations, self.scale_rewards = num_iterations, scale_rewards
@@ -48,7 +54,19 @@ class GRPOModule(L.LightningModule):
                                    "scale_rewards": scale_rewards, "reward": vars(reward),
                                    "feasible_ms": list(env.feasible), "space": vars(policy.space),
                                    "d_model": policy.stage1[0].in_features - policy.budget.dim,
-                                   "budget_dim": policy.budget.dim, "hidden": policy.stage1[0].out_features})
+                                   "budget_dim": policy.budget.dim, "hidden": policy.stage1[0].out_features,
+                                   "budget_token": policy.budget_token is not None})
+
+    def on_fit_start(self):
+        if self.backbone is not None:
+            self.backbone.model.to(self.device)
+
+    def latency_tokens(self, policy: TwoStagePolicy, idx: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        """(B, tiers, P, d) for samples idx at their budgets: precomputed, or the budget token's pass
+        (differentiable in the policy's budget token)."""
+        if policy.budget_token is None:
+            return self.tokens[idx]
+        return budget_token_latency_tokens(self.backbone, policy.budget_query(budget), self.prompt_states, idx.cpu())
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -66,25 +84,37 @@ class GRPOModule(L.LightningModule):
         budget = self.budgets.sample(len(idx)).to(self.lang.device)
         rows = idx.repeat_interleave(g)
         budget_rows = budget.repeat_interleave(g)
-        lang, tokens = self.lang[rows], self.tokens[rows]
+        with torch.no_grad():
+            tokens = self.latency_tokens(self.policy, idx, budget).repeat_interleave(g, dim=0)
+        lang = self.lang[rows]
         decision = self.policy.act(lang, tokens, budget_rows, uniform_stage1=self.warming_up)
-        acc, lat = self.env.outcome(rows.cpu(), _cpu(decision))
-        comps = reward_components(self.reward, acc, lat, budget_rows.cpu(), self.env.complexity(_cpu(decision)))
-        return rows, budget_rows, lang, tokens, decision, comps, acc, lat
+        d = _cpu(decision)
+        acc, lat = self.env.outcome(rows.cpu(), d)
+        miss = self.env.miss_rate(d, budget_rows.cpu() * (1 + self.reward.slo_tolerance)) if self.reward.slo else None
+        comps = reward_components(self.reward, acc, lat, budget_rows.cpu(), self.env.complexity(d), miss)
+        return rows, budget, lang, tokens, decision, comps, acc, lat
 
     def training_step(self, batch, batch_idx):
         idx = batch[0] if isinstance(batch, (list, tuple)) else batch
         opt = self.optimizers()
-        rows, budget, lang, tokens, decision, comps, acc, lat = self.rollout(idx)
+        rows, budget_per_input, lang, tokens, decision, comps, acc, lat = self.rollout(idx)
+        budget = budget_per_input.repeat_interleave(self.group_size)
         rewards = total_reward(comps).to(self.lang.device)
         adv, zero_std = group_advantages(rewards.view(-1, self.group_size), self.scale_rewards)
         adv = adv.reshape(-1)
         heads = STAGE2 if self.warming_up else HEADS
         with torch.no_grad():
             logp_old, _ = self.policy.log_prob_and_entropy(lang, tokens, budget, decision, heads)
-            logp_ref = (self.ref_policy.log_prob_and_entropy(lang, tokens, budget, decision, heads)[0]
-                        if self.ref_policy is not None else logp_old)
+            if self.ref_policy is not None:
+                ref_tokens = self.latency_tokens(self.ref_policy, idx, budget_per_input).repeat_interleave(
+                    self.group_size, dim=0)
+                logp_ref = self.ref_policy.log_prob_and_entropy(lang, ref_tokens, budget, decision, heads)[0]
+            else:
+                logp_ref = logp_old
         for _ in range(self.num_iterations):
+            if self.policy.budget_token is not None:  # the token moved with the last step
+                tokens = self.latency_tokens(self.policy, idx, budget_per_input).repeat_interleave(
+                    self.group_size, dim=0)
             logp, ent = self.policy.log_prob_and_entropy(lang, tokens, budget, decision, heads)
             entropy = torch.stack([ent[h] for h in heads]).sum(0)
             loss, stats = grpo_loss(logp, logp_old, adv, self.clip_eps, logp_ref, self.kl_coef, entropy,
@@ -113,7 +143,7 @@ class GRPOModule(L.LightningModule):
         idx = batch[0] if isinstance(batch, (list, tuple)) else batch
         for i, b in enumerate(self.val_budgets):
             budget = torch.full((len(idx),), b, device=self.lang.device)
-            d = self.policy.act(self.lang[idx], self.tokens[idx], budget, greedy=True)
+            d = self.policy.act(self.lang[idx], self.latency_tokens(self.policy, idx, budget), budget, greedy=True)
             acc, lat = self.env.outcome(idx.cpu(), _cpu(d))
             self.val_acc[i].update(acc.to(self.device))
             self.val_violation[i].update((lat > b).float().to(self.device))

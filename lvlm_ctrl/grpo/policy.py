@@ -61,10 +61,15 @@ class Decision:
 
 
 class TwoStagePolicy(nn.Module):
-    def __init__(self, space: KnobSpace, d_model: int, budget_dim: int = 256, hidden: int = 256):
+    def __init__(self, space: KnobSpace, d_model: int, budget_dim: int = 256, hidden: int = 256,
+                 budget_token: bool = False):
         super().__init__()
         self.space = space
         self.budget = BudgetEncoding(budget_dim)
+        # controller.budget_token: the budget as one more input token, whose hidden state after
+        # block p-1 is stage 2's latency token (KnobHooks.probe), so blocks [0, p) read the image and
+        # question for this budget; otherwise the latency token is the prompt's last token
+        self.budget_token = nn.Linear(budget_dim, d_model) if budget_token else None
         # insertion logits per tier: the best p depends on the tier (at a tight budget only p=1,
         # which allows the fewest blocks, fits the medium tier, while any p fits the low one)
         self.stage1 = mlp(d_model + budget_dim, hidden, len(space.tiers) * (1 + len(space.insertions)))
@@ -75,6 +80,10 @@ class TwoStagePolicy(nn.Module):
         self.decision_embed = nn.Embedding(self.n_tier * self.n_ins, 32)
         self.stage2 = mlp(d_model + budget_dim + 32, hidden, len(space.top_ks) + space.max_block_options)
         self.n_topk = len(space.top_ks)
+
+    def budget_query(self, budget_ms: torch.Tensor) -> torch.Tensor:
+        """The budget token's input embedding, (B, 1, d_model)."""
+        return self.budget_token(self.budget(budget_ms))[:, None]
 
     # ---- logits ------------------------------------------------------------------------
     def stage1_logits(self, lang: torch.Tensor, budget_feat: torch.Tensor):
