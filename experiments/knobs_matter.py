@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lvlm_ctrl.io import atomic_write_json, machine  # noqa: E402
+from lvlm_ctrl.io import atomic_write_json, machine
 
 CONFIGS = {
     "full": [],

@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lvlm_ctrl.io import atomic_write_json, machine  # noqa: E402
+from lvlm_ctrl.io import atomic_write_json, machine
 
 Y = ROOT / "outputs" / "experiments" / "yardsticks"
 
@@ -32,8 +32,13 @@ def main() -> None:
 
     from lvlm_ctrl.controllers.grpo import load_policy
     from lvlm_ctrl.controllers.lookup import LookupTable
-    from lvlm_ctrl.grpo.env import (ProfileEnv, budget_token_latency_tokens, language_features, latency_tokens,
-                                    prompt_states)
+    from lvlm_ctrl.grpo.env import (
+        ProfileEnv,
+        budget_token_latency_tokens,
+        language_features,
+        latency_tokens,
+        prompt_states,
+    )
     from lvlm_ctrl.grpo.module import budget_auc
     from lvlm_ctrl.grpo.policy import Decision
     from lvlm_ctrl.profile_bootstrap import bootstrap
@@ -82,7 +87,7 @@ def main() -> None:
         policy, _ = load_policy(ck)
 
         @torch.no_grad()
-        def decide(b: float) -> Decision:
+        def decide(b: float, policy=policy) -> Decision:
             budget = torch.full((len(env),), b)
             if policy.budget_token is None:
                 return policy.act(lang, tokens, budget, greedy=True)

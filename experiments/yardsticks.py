@@ -33,8 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lvlm_ctrl.io import atomic_write_json, machine  # noqa: E402
-from lvlm_ctrl.profiling import read_profile, stored_rows  # noqa: E402
+from lvlm_ctrl.io import atomic_write_json, machine
+from lvlm_ctrl.profiling import read_profile, stored_rows
 
 OUT = ROOT / "outputs" / "experiments" / "yardsticks"
 steps: dict[str, dict] = {}

@@ -38,12 +38,12 @@ class BudgetedVQA:
         self.backbone, self.controller = backbone, controller
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> "BudgetedVQA":
+    def from_config(cls, cfg: DictConfig) -> BudgetedVQA:
         backbone = hydra.utils.instantiate(cfg.model)
         return cls(backbone, hydra.utils.instantiate(cfg.controller).bind(backbone))
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, checkpoint: str = "last.ckpt") -> "BudgetedVQA":
+    def from_run(cls, run_dir: str | Path, checkpoint: str = "last.ckpt") -> BudgetedVQA:
         """A train run's model and controller, from the config Hydra saved in the run directory."""
         run = Path(run_dir)
         cfg_file = run / ".hydra" / "config.yaml"

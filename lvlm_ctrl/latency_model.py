@@ -45,7 +45,7 @@ class LatencyModel:
         self.configs, self.tiers, self.meta = configs, tiers, meta or {}
 
     @classmethod
-    def fit(cls, df: pd.DataFrame, min_records: int = 5) -> "LatencyModel":
+    def fit(cls, df: pd.DataFrame, min_records: int = 5) -> LatencyModel:
         df = df[df["latency_source"].fillna("measured") == "measured"] if "latency_source" in df else df
         if df.empty:
             raise UserError("no measured records to fit a latency model on; profile with latency=measured")
@@ -82,7 +82,7 @@ class LatencyModel:
         return atomic_write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path) -> "LatencyModel":
+    def load(cls, path) -> LatencyModel:
         path = Path(str(path))
         if not path.exists():
             raise UserError(f"latency model not found at {path}: fit one with python -m lvlm_ctrl.latency_model")

@@ -28,8 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from lvlm_ctrl.backbone import EMBEDDED, set_experts_implementation
 from lvlm_ctrl.backbone.hooks import KnobHooks
 from lvlm_ctrl.backbone.tiny_moe import PROMPT, build
-from lvlm_ctrl.data import easy_vqa
-from lvlm_ctrl.data import load_image
+from lvlm_ctrl.data import easy_vqa, load_image
 from lvlm_ctrl.errors import cli
 from lvlm_ctrl.knobs import Knobs, KnobSpace
 
@@ -249,10 +248,10 @@ def main(cfg: DictConfig) -> float:
     pixels = cache_pixels(processor, sorted({s.image_path for v in splits.values() for s in v}), tiers,
                           cfg.pixel_cache)
     patch = model.config.vision_config.patch_size
-    collate_args = dict(pixels=pixels, image_tokens={t: (s // patch) ** 2 for t, s in tiers.items()},
-                        image_token_id=model.config.image_token_id, pad_id=tok.pad_token_id,
-                        eos_id=tok.eos_token_id, tiers=list(tiers),
-                        image_labels=image_label_tensors(splits["train"] + splits["val"]))
+    collate_args = {"pixels": pixels, "image_tokens": {t: (s // patch) ** 2 for t, s in tiers.items()},
+                    "image_token_id": model.config.image_token_id, "pad_id": tok.pad_token_id,
+                    "eos_id": tok.eos_token_id, "tiers": list(tiers),
+                    "image_labels": image_label_tensors(splits["train"] + splits["val"])}
     train = TieredVQA(splits["train"], tok, answer_ids, cfg.model.prompt)
     warm = (cfg.vision_warmup_steps + cfg.curriculum_batches) * cfg.batch_size
     sampler = Curriculum(train.open_idx, len(train), warm, cfg.epochs, cfg.seed)

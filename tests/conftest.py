@@ -28,7 +28,7 @@ def easy_samples():
 
 def run_cli(module: str, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *overrides], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:

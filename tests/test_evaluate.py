@@ -5,8 +5,8 @@ import json
 import pytest
 from hydra import compose, initialize_config_dir
 
-from lvlm_ctrl.evaluate import auc, parse_budgets
 from lvlm_ctrl.errors import UserError
+from lvlm_ctrl.evaluate import auc, parse_budgets
 from tests.conftest import ROOT, error_line, run_cli
 from tests.test_data import make_vqav2
 

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
+from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.budgets import Fixed, Normal, Trace, Uniform
 from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
-from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
 from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy
 from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
-from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.knobs import KnobSpace
 
 D = 16
@@ -54,7 +54,7 @@ def test_log_prob_is_sum_of_four_heads_and_normalised():
 
 
 def test_entropy_and_gradients_are_finite_with_masking():
-    space, policy, lang, tokens, budget = policy_and_inputs(batch=64)
+    _, policy, lang, tokens, budget = policy_and_inputs(batch=64)
     d = policy.act(lang, tokens, budget)
     logp, ent = policy.log_prob_and_entropy(lang, tokens, budget, d)
     (logp.mean() + sum(e.mean() for e in ent.values())).backward()
@@ -63,7 +63,7 @@ def test_entropy_and_gradients_are_finite_with_masking():
 
 
 def test_greedy_is_argmax_and_deterministic():
-    space, policy, lang, tokens, budget = policy_and_inputs(batch=8)
+    _, policy, lang, tokens, budget = policy_and_inputs(batch=8)
     a = policy.act(lang, tokens, budget, greedy=True)
     b = policy.act(lang, tokens, budget, greedy=True)
     assert all(torch.equal(getattr(a, h), getattr(b, h)) for h in ("tier", "insertion", "top_k", "num_blocks"))
@@ -103,7 +103,7 @@ def test_argmax_kernel_matches_the_policy():
 
 def test_stage2_knows_the_tier_even_when_the_latency_token_does_not():
     """The latency token barely encodes the tier, so stage 2 is told stage 1's decision."""
-    space, policy, lang, tokens, budget = policy_and_inputs(batch=4, seed=5)
+    space, policy, _, tokens, budget = policy_and_inputs(batch=4, seed=5)
     same = tokens[:, :1].expand_as(tokens)  # one token for every tier
     feat = policy.budget(budget)
     ins = torch.zeros(4, dtype=torch.long)
@@ -178,7 +178,7 @@ def test_slo_term_counts_how_often_a_configuration_is_late_on_the_training_sampl
     rows = [{"sample_id": f"s{i:02d}", **k.as_dict(), "accuracy": 1.0, "T_total_ms": lat}
             for i in range(20) for k, lat in ((fast, 10.0 + i), (slow, 50.0 + i))]
     env = ProfileEnv(pd.DataFrame(rows), space)
-    ids = lambda k: Decision(*(torch.tensor([i]) for i in (  # noqa: E731
+    ids = lambda k: Decision(*(torch.tensor([i]) for i in (
         space.tiers.index(k.tier), space.insertions.index(k.insertion), space.top_ks.index(k.top_k),
         k.num_blocks - space.num_blocks_options(k.insertion)[0])))
     assert env.miss_rate(ids(fast), torch.tensor([19.5])).item() == pytest.approx(0.5)  # 20..29 are late

@@ -46,7 +46,7 @@ class GRPOController:
         self.ckpt = ckpt
         self.policy: TwoStagePolicy | None = None
 
-    def bind(self, backbone) -> "GRPOController":
+    def bind(self, backbone) -> GRPOController:
         if not self.ckpt:
             raise UserError("controller=grpo needs ckpt=PATH (a checkpoint written by python -m lvlm_ctrl.train)")
         self.policy, self.hparams = load_policy(self.ckpt)
@@ -74,7 +74,8 @@ class GRPOController:
         options = space.num_blocks_options(p)
         query = None
         if self.policy.budget_token is not None:
-            if (query := self.queries.get(budget_ms)) is None:
+            query = self.queries.get(budget_ms)
+            if query is None:
                 query = self.policy.budget_query(torch.tensor([budget_ms])).to(backbone.device, backbone.model.dtype)
                 self.queries[budget_ms] = query
         stage1_ms = (time.perf_counter() - t0) * 1e3

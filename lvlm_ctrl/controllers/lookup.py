@@ -56,15 +56,14 @@ def aggregate(key: tuple, group: pd.DataFrame, aggregation: str, latency_quantil
         latency = float(np.quantile(lat, latency_quantile))
     tier, p, k, n = key
     return {"tier": tier, "insertion": int(p), "top_k": int(k), "num_active_blocks": int(n), "accuracy": accuracy,
-            "latency": latency, "num_samples": int(len(group)), "accuracy_std": float(acc.std()),
+            "latency": latency, "num_samples": len(group), "accuracy_std": float(acc.std()),
             "latency_std": float(lat.std())}
 
 
 class LookupTable:
     def __init__(self, tables: dict[str, list[dict]], options: dict, records: list[dict] | None = None):
-        if aggregation := options.get("aggregation"):
-            if aggregation not in AGGREGATIONS:
-                raise UserError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
+        if (aggregation := options.get("aggregation")) and aggregation not in AGGREGATIONS:
+            raise UserError(f"unknown aggregation {aggregation!r}: choose one of {', '.join(AGGREGATIONS)}")
         self.tables, self.options, self.records = tables, dict(options), records or []
         self.tolerance = float(options.get("tolerance", 0.0))
         self._index = {name: self._build_index(entries) for name, entries in tables.items()}
@@ -72,7 +71,7 @@ class LookupTable:
     # ---- building ----------------------------------------------------------------------
     @classmethod
     def build(cls, df: pd.DataFrame, aggregation: str = "mean", tolerance: float = 0.0,
-              latency_quantile: float | None = None, datasets: list[str] | None = None) -> "LookupTable":
+              latency_quantile: float | None = None, datasets: list[str] | None = None) -> LookupTable:
         if df.empty:
             raise UserError("cannot build a lookup table from an empty profile")
         if datasets:
@@ -85,19 +84,19 @@ class LookupTable:
         return cls._from_records(df[cols].to_dict("records"), options)
 
     @classmethod
-    def _from_records(cls, records: list[dict], options: dict) -> "LookupTable":
+    def _from_records(cls, records: list[dict], options: dict) -> LookupTable:
         if options.get("aggregation", "mean") not in AGGREGATIONS:
             raise UserError(f"unknown aggregation {options['aggregation']!r}: choose one of {', '.join(AGGREGATIONS)}")
         df = pd.DataFrame(records)
         q = options.get("latency_quantile")
-        agg = lambda d: [aggregate(key, g, options.get("aggregation", "mean"), q)  # noqa: E731
+        agg = lambda d: [aggregate(key, g, options.get("aggregation", "mean"), q)
                          for key, g in d.groupby(KNOB_COLUMNS) if not g.empty]
         tables = {ALL: agg(df)}
         if df["dataset"].nunique() > 1:
             tables.update({name: agg(g) for name, g in df.groupby("dataset")})
         return cls(tables, options, records)
 
-    def update(self, df: pd.DataFrame) -> "LookupTable":
+    def update(self, df: pd.DataFrame) -> LookupTable:
         """A new table with `df`'s records added (a re-profiled sample replaces its old records)."""
         cols = ["dataset", "sample_id", *KNOB_COLUMNS, "accuracy", "T_total_ms"]
         merged = pd.concat([pd.DataFrame(self.records), df[cols]], ignore_index=True)
@@ -166,7 +165,7 @@ class LookupTable:
                                         "tables": self.tables, "records": self.records})
 
     @classmethod
-    def load(cls, path, space=None) -> "LookupTable":
+    def load(cls, path, space=None) -> LookupTable:
         path = Path(str(path))
         if not path.exists():
             raise UserError(f"lookup table not found at {path}: build one with "
@@ -213,7 +212,7 @@ class LookupController:
         self.table = LookupTable.build(profile_df, **self.build_options)
         return self.table
 
-    def bind(self, backbone) -> "LookupController":
+    def bind(self, backbone) -> LookupController:
         if self.table is None:
             if not self.table_path:
                 raise UserError("controller=lookup needs controller.table=PATH (a lookup_table.json)")

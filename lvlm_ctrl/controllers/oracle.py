@@ -19,7 +19,7 @@ class OracleController:
         self.profile_path = profile
         self.per_sample: dict[str, tuple] = {}
 
-    def bind(self, backbone) -> "OracleController":
+    def bind(self, backbone) -> OracleController:
         if not self.profile_path:
             raise UserError("controller=oracle needs profile.path=PATH (a profile of the evaluated split)")
         df = read_profile(self.profile_path)

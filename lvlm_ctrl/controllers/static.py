@@ -13,7 +13,7 @@ class StaticController:
         self.requested = (tier, insertion, top_k, num_blocks)
         self.knobs: Knobs | None = None
 
-    def bind(self, backbone) -> "StaticController":
+    def bind(self, backbone) -> StaticController:
         full = backbone.space.full()
         tier, p, k, n = (req if req is not None else dflt
                          for req, dflt in zip(self.requested, (full.tier, full.insertion, full.top_k, full.num_blocks)))

@@ -46,7 +46,7 @@ def image_attributes(samples: list[VQASample]) -> dict[str, tuple[str | None, st
     """(colour, shape) of each image, as far as its questions tell: open questions name them."""
     found: dict[str, list] = {}
     for s in samples:
-        color, shape = found.setdefault(s.image_path, [None, None])
+        found.setdefault(s.image_path, [None, None])
         answer = s.answers[0]
         if answer in COLORS:
             found[s.image_path][0] = answer

@@ -11,7 +11,7 @@ from lvlm_ctrl.errors import UserError
 
 
 class Budgets:
-    def bind(self, feasible: tuple[float, float]) -> "Budgets":
+    def bind(self, feasible: tuple[float, float]) -> Budgets:
         self.feasible = feasible
         return self
 

@@ -97,7 +97,7 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         idx = batch[0] if isinstance(batch, (list, tuple)) else batch
         opt = self.optimizers()
-        rows, budget_per_input, lang, tokens, decision, comps, acc, lat = self.rollout(idx)
+        _rows, budget_per_input, lang, tokens, decision, comps, acc, lat = self.rollout(idx)
         budget = budget_per_input.repeat_interleave(self.group_size)
         rewards = total_reward(comps).to(self.lang.device)
         adv, zero_std = group_advantages(rewards.view(-1, self.group_size), self.scale_rewards)
