@@ -134,21 +134,15 @@ class KnobHooks:
             return hook
 
         handles = [self.blocks[p - 1].register_forward_hook(grab(p)) for p in set(insertions)]
-        config = self.decoder.config
-        saved = self.decoder.layers, config.num_hidden_layers, getattr(config, "layer_types", None)
+        # inside staged serving too: the decoder's loop already holds the Staged iterator, which
+        # configures the blocks after p itself once this returns
         try:
-            self.decoder.layers = nn.ModuleList(self.blocks[:last])
-            config.num_hidden_layers = last
-            if saved[2] is not None:
-                config.layer_types = saved[2][:last]
-            self.decoder(inputs_embeds=query, attention_mask=attn, position_ids=position, past_key_values=cache,
-                         use_cache=True)
+            with self.run_blocks(list(range(last))):
+                self.decoder(inputs_embeds=query, attention_mask=attn, position_ids=position,
+                             past_key_values=cache, use_cache=True)
         finally:
             for h in handles:
                 h.remove()
-            self.decoder.layers, config.num_hidden_layers = saved[0], saved[1]
-            if saved[2] is not None:
-                config.layer_types = saved[2]
         return torch.stack([out[p] for p in insertions], dim=1)
 
     # ---- the three moves every path shares ----------------------------------------------

@@ -131,8 +131,8 @@ def prompt_states(backbone, samples, batch_size: int = 64) -> list[tuple[torch.T
                 backbone.model(inputs_embeds=backbone.embed(enc), attention_mask=attn,
                                position_ids=backbone.positions(attn), past_key_values=cache, use_cache=True,
                                logits_to_keep=1)
-            keys.append(torch.stack([cache.layers[i].keys for i in range(last)], dim=1).float().cpu())
-            values.append(torch.stack([cache.layers[i].values for i in range(last)], dim=1).float().cpu())
+            keys.append(torch.stack([cache.layers[i].keys for i in range(last)], dim=1).cpu())
+            values.append(torch.stack([cache.layers[i].values for i in range(last)], dim=1).cpu())
             masks.append(attn.cpu())
         length = max(m.shape[1] for m in masks)
         out.append((torch.cat([_left_pad(k, length, -2) for k in keys]),

@@ -68,6 +68,10 @@ class GRPOModule(L.LightningModule):
             return self.tokens[idx]
         return budget_token_latency_tokens(self.backbone, policy.budget_query(budget), self.prompt_states, idx.cpu())
 
+    def group_tokens(self, policy: TwoStagePolicy, idx: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        """latency_tokens for every rollout: each input's row repeated group_size times."""
+        return self.latency_tokens(policy, idx, budget).repeat_interleave(self.group_size, dim=0)
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.policy.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
@@ -84,8 +88,8 @@ class GRPOModule(L.LightningModule):
         budget = self.budgets.sample(len(idx)).to(self.lang.device)
         rows = idx.repeat_interleave(g)
         budget_rows = budget.repeat_interleave(g)
-        with torch.no_grad():
-            tokens = self.latency_tokens(self.policy, idx, budget).repeat_interleave(g, dim=0)
+        # with the budget token, differentiable: the first policy step reuses them
+        tokens = self.group_tokens(self.policy, idx, budget)
         lang = self.lang[rows]
         decision = self.policy.act(lang, tokens, budget_rows, uniform_stage1=self.warming_up)
         d = _cpu(decision)
@@ -106,15 +110,13 @@ class GRPOModule(L.LightningModule):
         with torch.no_grad():
             logp_old, _ = self.policy.log_prob_and_entropy(lang, tokens, budget, decision, heads)
             if self.ref_policy is not None:
-                ref_tokens = self.latency_tokens(self.ref_policy, idx, budget_per_input).repeat_interleave(
-                    self.group_size, dim=0)
+                ref_tokens = self.group_tokens(self.ref_policy, idx, budget_per_input)
                 logp_ref = self.ref_policy.log_prob_and_entropy(lang, ref_tokens, budget, decision, heads)[0]
             else:
                 logp_ref = logp_old
-        for _ in range(self.num_iterations):
-            if self.policy.budget_token is not None:  # the token moved with the last step
-                tokens = self.latency_tokens(self.policy, idx, budget_per_input).repeat_interleave(
-                    self.group_size, dim=0)
+        for step in range(self.num_iterations):
+            if self.policy.budget_token is not None and step > 0:  # the token moved with the last step
+                tokens = self.group_tokens(self.policy, idx, budget_per_input)
             logp, ent = self.policy.log_prob_and_entropy(lang, tokens, budget, decision, heads)
             entropy = torch.stack([ent[h] for h in heads]).sum(0)
             loss, stats = grpo_loss(logp, logp_old, adv, self.clip_eps, logp_ref, self.kl_coef, entropy,
