@@ -94,7 +94,7 @@ def test_argmax_kernel_matches_the_policy():
     got = []
     for i in range(len(lang)):
         b = float(budget[i])
-        t, p = kernel.stage1((lang[i] * 3).numpy(), b, n_tokens=3)  # a sum over 3 tokens
+        t, p = kernel.stage1(kernel.language((lang[i] * 3).numpy(), 3), b)  # a sum over 3 tokens
         k, n = kernel.stage2(tokens[i, t, p].numpy(), b, t, p, len(space.num_blocks_options(space.insertions[p])))
         got.append((t, p, k, n))
     assert got == list(zip(*(getattr(greedy, h).tolist() for h in HEADS)))
@@ -253,6 +253,7 @@ def test_serving_decides_as_the_policy_does(backbone, easy_samples):
             assert gen.knobs == want and overhead > 0
             tiers.add(want.tier)
     assert len(tiers) > 1  # the budget reaches the decision
+    assert len(ctl.questions) == len({s.question for s in easy_samples[:3]})  # later budgets hit the cache
 
 
 def test_budget_token_latency_token_is_the_same_in_training_and_serving(backbone, easy_samples):

@@ -33,7 +33,7 @@ class ArgmaxKernel:
         self.decision_bias = _np(dec @ s2[0].weight[:, -dec.shape[1]:].T)  # (tiers * P, hidden)
         self.n_tier, self.n_ins, self.n_topk = policy.n_tier, policy.n_ins, policy.n_topk
         hidden = self.w1[1].shape[0]
-        self._h = np.empty(hidden, np.float32)
+        self._h, self._first = np.empty(hidden, np.float32), np.empty(hidden, np.float32)
         self._budget: dict[float, tuple[np.ndarray, np.ndarray]] = {}
 
     @torch.inference_mode()
@@ -62,12 +62,17 @@ class ArgmaxKernel:
         out += b[1]
         return out
 
-    def stage1(self, lang_sum: np.ndarray, budget_ms: float, *, n_tokens: int) -> tuple[int, int]:
-        """lang_sum: the sum of the question's input embeddings over its n_tokens tokens (keyword-only:
-        passed positionally, a token count once took the budget's place)."""
+    def language(self, lang_sum: np.ndarray, n_tokens: int) -> np.ndarray:
+        """Stage 1's first layer on the question alone: (W_lang @ lang_sum) / n_tokens, from the sum
+        of the question's input embeddings over its n_tokens tokens. Depends on the question only, so
+        serving caches it per question (GRPOController)."""
         first = self.w1[0] @ lang_sum
         first *= np.float32(1.0 / n_tokens)
-        first += self.budget_bias(budget_ms)[0]
+        return first
+
+    def stage1(self, question_feature: np.ndarray, budget_ms: float) -> tuple[int, int]:
+        """question_feature: language(...) of the request's question (read, never written: cached)."""
+        first = np.add(question_feature, self.budget_bias(budget_ms)[0], out=self._first)
         out = self._hidden(first, self.w1, self.b1)
         tier = int(out[: self.n_tier].argmax())
         start = self.n_tier + tier * self.n_ins  # insertion logits at that tier
