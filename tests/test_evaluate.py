@@ -52,6 +52,7 @@ def test_full_configuration_is_default(tmp_path):
     (["eval.budgets_ms=[nan]"], "must be a positive"),
     (["eval.budgets_ms=[-5]"], "must be a positive"),
     (["eval.budgets_ms=[fast]"], "is not a number"),
+    (["controller=grpo", "ckpt=x.ckpt", "controller.question_cache=-1"], "controller.question_cache=-1"),
 ])
 def test_bad_input_one_line_error(tmp_path, overrides, message):
     (tmp_path / "eval_summary.json").write_text('{"keep": true}')

@@ -289,3 +289,22 @@ def test_budget_token_latency_token_is_the_same_in_training_and_serving(backbone
     plain = backbone.generate([image], [sample.question], Knobs("medium", p, 6, 14))
     assert torch.allclose(seen["token"][0], tokens[4, tier, space.insertions.index(p)].detach(), atol=1e-5)
     assert served.token_ids == plain.token_ids and served.knobs == Knobs("medium", p, 6, 14)
+
+
+def test_budget_token_serving_keeps_one_query_per_budget(backbone, easy_samples):
+    """GRPOController.serve with a budget-token policy: the token's embedding is computed once per
+    budget and reused, and a repeated request is answered and decided the same way."""
+    from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
+    from lvlm_ctrl.controllers.grpo import GRPOController, embedding_view
+
+    torch.manual_seed(11)
+    d = backbone.model.get_input_embeddings().weight.shape[1]
+    policy = TwoStagePolicy(backbone.space, d_model=d, hidden=32, budget_token=True).eval()
+    ctl = GRPOController()
+    ctl.policy, ctl.kernel, ctl.embeddings = policy, ArgmaxKernel(policy, d), embedding_view(backbone)
+    s = easy_samples[0]
+    first, _ = ctl.serve(backbone, s.question, s.load_image(), 40.0)
+    again, _ = ctl.serve(backbone, s.question, s.load_image(), 40.0)
+    ctl.serve(backbone, s.question, s.load_image(), 90.0)
+    assert sorted(ctl.queries) == [40.0, 90.0] and list(ctl.questions) == [s.question]
+    assert (again.knobs, again.answers) == (first.knobs, first.answers)

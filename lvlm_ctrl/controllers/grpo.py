@@ -46,9 +46,12 @@ class GRPOController:
     name = "grpo"
 
     def __init__(self, ckpt: str | None = None, question_cache: int = 4096, **_train_options):
+        if isinstance(question_cache, bool) or not isinstance(question_cache, int) or question_cache < 0:
+            raise UserError(f"controller.question_cache={question_cache!r}: give a number of entries >= 0 (0 = off)")
         self.ckpt, self.question_cache = ckpt, question_cache
         self.policy: TwoStagePolicy | None = None
         self.questions: dict[str, np.ndarray] = {}  # stage 1's first layer on the question, per question
+        self.queries: dict[float, torch.Tensor] = {}  # the budget token's embedding per budget
 
     def bind(self, backbone) -> GRPOController:
         if not self.ckpt:
@@ -58,9 +61,9 @@ class GRPOController:
             raise UserError(f"checkpoint {self.ckpt} was trained for another knob space ({self.policy.space}) "
                             f"than this backbone's ({backbone.space})")
         self.kernel = ArgmaxKernel(self.policy, self.hparams["d_model"])
-        self.questions.clear()  # features of another checkpoint's first layer
+        self.questions.clear()  # another checkpoint's features
+        self.queries.clear()
         self.embeddings = embedding_view(backbone)
-        self.queries: dict[float, torch.Tensor] = {}  # the budget token's embedding per budget
         return self
 
     def default_budgets(self, n: int) -> list[float]:
@@ -74,11 +77,8 @@ class GRPOController:
         budget_ms = float(budget_ms)
         lang = self.questions.get(question)
         if lang is None:
-            lang = self.kernel.language(*language_sum(backbone, question, self.embeddings))
-            if self.question_cache:
-                if len(self.questions) >= self.question_cache:
-                    self.questions.clear()
-                self.questions[question] = lang
+            lang = remember(self.questions, question, self.question_cache,
+                            self.kernel.language(*language_sum(backbone, question, self.embeddings)))
         tier_i, ins_i = self.kernel.stage1(lang, budget_ms)
         space = self.policy.space
         p = space.insertions[ins_i]
@@ -87,8 +87,8 @@ class GRPOController:
         if self.policy.budget_token is not None:
             query = self.queries.get(budget_ms)
             if query is None:
-                query = self.policy.budget_query(torch.tensor([budget_ms])).to(backbone.device, backbone.model.dtype)
-                self.queries[budget_ms] = query
+                query = remember(self.queries, budget_ms, 4096, self.policy.budget_query(
+                    torch.tensor([budget_ms])).to(backbone.device, backbone.model.dtype))
         stage1_ms = (time.perf_counter() - t0) * 1e3
 
         def stage2(token):
@@ -98,6 +98,15 @@ class GRPOController:
         knobs = Knobs(space.tiers[tier_i], p, max(space.top_ks), space.num_layers)
         gen = backbone.generate([image], [question], knobs, decide=stage2, query=query)
         return gen, stage1_ms + gen.stage2_ms
+
+
+def remember(cache: dict, key, limit: int, value):
+    """cache[key] = value, the cache emptied first when it holds `limit` entries (0: not kept)."""
+    if limit:
+        if len(cache) >= limit:
+            cache.clear()
+        cache[key] = value
+    return value
 
 
 def language_sum(backbone, question: str, table: np.ndarray | None = None) -> tuple[np.ndarray, int]:
