@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -308,3 +309,35 @@ def test_budget_token_serving_keeps_one_query_per_budget(backbone, easy_samples)
     ctl.serve(backbone, s.question, s.load_image(), 90.0)
     assert sorted(ctl.queries) == [40.0, 90.0] and list(ctl.questions) == [s.question]
     assert (again.knobs, again.answers) == (first.knobs, first.answers)
+
+
+def test_speed_tracking_scales_the_budget_by_the_measured_drift(backbone, easy_samples):
+    """controller.speed_tracking: on a machine far slower than the profile says, the speed estimate
+    climbs to its bound (x2, one odd request moves it little) and the policy decides for
+    budget / speed, as the profile's machine would."""
+    from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
+    from lvlm_ctrl.controllers.grpo import GRPOController, embedding_view
+    from lvlm_ctrl.grpo.env import language_features
+
+    space = backbone.space
+    torch.manual_seed(7)
+    d = backbone.model.get_input_embeddings().weight.shape[1]
+    policy = TwoStagePolicy(space, d_model=d, hidden=32).eval()
+    ctl = GRPOController(speed_tracking=0.5)
+    ctl.policy, ctl.kernel, ctl.embeddings = policy, ArgmaxKernel(policy, d), embedding_view(backbone)
+    s, budget = easy_samples[0], 80.0
+    image = s.load_image()
+    gen, _ = ctl.serve(backbone, s.question, image, budget)  # tracking off: expected is None
+    assert ctl.speed == 1.0
+    shape = (len(space.tiers), len(space.insertions), len(space.top_ks), space.max_block_options)
+    ctl.expected = np.full(shape, 1e-3)  # a profile from a machine 1000x as fast
+    lang = language_features(backbone, [s.question])
+    for _ in range(6):
+        speed = ctl.speed
+        gen, _ = ctl.serve(backbone, s.question, image, budget)
+        tokens = gen.latency_token.reshape(1, 1, 1, -1).expand(1, len(space.tiers), len(space.insertions), d)
+        want = policy.act(lang, tokens.float(), torch.tensor([budget / speed]), greedy=True).knobs(space)[0]
+        assert gen.knobs == want
+    assert ctl.speed == pytest.approx(2.0, abs=0.03)  # log 2 ~ the clamp 0.7, reached at 0.5 per request
+    with pytest.raises(UserError, match="speed_tracking"):
+        GRPOController(speed_tracking=1.5)

@@ -60,6 +60,10 @@ def test_grpo_trains_checkpoints_and_resumes(tmp_path, profile_dir):
     assert first >= 3  # written at a validation
     policy, hp = load_policy(last)
     assert hp["group_size"] == cfg.controller.group_size and policy.space.num_layers == 16
+    s = policy.space  # serving's speed tracking reads the profile's latency per configuration
+    latency = torch.tensor(hp["config_latency_ms"])
+    assert latency.shape == (len(s.tiers), len(s.insertions), len(s.top_ks), s.max_block_options)
+    assert latency.nan_to_num(1.0).gt(0).all() and latency.isnan().any()  # invalid (p, n) pairs are NaN
     train_grpo(compose_train(tmp_path, *args[:-3], "trainer.max_steps=9", "trainer.val_check_interval=3",
                              "controller.batch_size=8", "ckpt_path=last"))
     assert torch.load(last, weights_only=False)["global_step"] > first  # resumed from last, went on

@@ -11,6 +11,7 @@ of cold-cache tokenizing right after the previous request's forward pass.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -45,10 +46,15 @@ def load_policy(ckpt: str | Path) -> tuple[TwoStagePolicy, dict]:
 class GRPOController:
     name = "grpo"
 
-    def __init__(self, ckpt: str | None = None, question_cache: int = 4096, **_train_options):
+    def __init__(self, ckpt: str | None = None, question_cache: int = 4096, speed_tracking: float = 0.0,
+                 **_train_options):
         if isinstance(question_cache, bool) or not isinstance(question_cache, int) or question_cache < 0:
             raise UserError(f"controller.question_cache={question_cache!r}: give a number of entries >= 0 (0 = off)")
-        self.ckpt, self.question_cache = ckpt, question_cache
+        if isinstance(speed_tracking, bool) or not isinstance(speed_tracking, (int, float)) or not 0 <= speed_tracking < 1:
+            raise UserError(f"controller.speed_tracking={speed_tracking!r}: give an EWMA weight in [0, 1) (0 = off)")
+        self.ckpt, self.question_cache, self.speed_tracking = ckpt, question_cache, speed_tracking
+        self.log_speed = 0.0  # log(measured / profiled latency), EWMA over the requests served
+        self.expected: np.ndarray | None = None  # the profile's latency per configuration (bind)
         self.policy: TwoStagePolicy | None = None
         self.questions: dict[str, np.ndarray] = {}  # stage 1's first layer on the question, per question
         self.queries: dict[float, torch.Tensor] = {}  # the budget token's embedding per budget
@@ -64,7 +70,20 @@ class GRPOController:
         self.questions.clear()  # another checkpoint's features
         self.queries.clear()
         self.embeddings = embedding_view(backbone)
+        self.expected = None
+        if self.speed_tracking:
+            if "config_latency_ms" not in self.hparams:
+                raise UserError(f"controller.speed_tracking needs a checkpoint that stores its profile's latency per "
+                                f"configuration; {self.ckpt} does not: retrain it, or pass controller.speed_tracking=0")
+            self.expected = np.array(self.hparams["config_latency_ms"], dtype=np.float64)
+        self.log_speed = 0.0
         return self
+
+    @property
+    def speed(self) -> float:
+        """How much slower (> 1) or faster this machine runs now than when the profile was measured,
+        in 2% steps (so the kernel's per-budget cache sees few distinct budgets)."""
+        return round(math.exp(self.log_speed) * 50) / 50
 
     def default_budgets(self, n: int) -> list[float]:
         lo, hi = self.hparams["feasible_ms"]
@@ -74,7 +93,9 @@ class GRPOController:
     def serve(self, backbone, question: str, image, budget_ms: float):
         """Answer one request; returns (Generation with the chosen knobs, controller overhead in ms)."""
         t0 = time.perf_counter()
-        budget_ms = float(budget_ms)
+        asked = budget_ms = float(budget_ms)
+        if self.expected is not None:  # decide for the budget as the profile's machine would see it
+            budget_ms = asked / self.speed
         lang = self.questions.get(question)
         if lang is None:
             lang = remember(self.questions, question, self.question_cache,
@@ -91,13 +112,26 @@ class GRPOController:
                     torch.tensor([budget_ms])).to(backbone.device, backbone.model.dtype))
         stage1_ms = (time.perf_counter() - t0) * 1e3
 
+        picked = []
+
         def stage2(token):
             k, n = self.kernel.stage2(as_numpy(token)[0], budget_ms, tier_i, ins_i, len(options))
+            picked.extend((k, n))
             return space.top_ks[k], options[n]
 
         knobs = Knobs(space.tiers[tier_i], p, max(space.top_ks), space.num_layers)
         gen = backbone.generate([image], [question], knobs, decide=stage2, query=query)
+        if self.expected is not None:
+            self.track_speed(gen.total_ms, self.expected[(tier_i, ins_i, *picked)])
         return gen, stage1_ms + gen.stage2_ms
+
+    def track_speed(self, measured_ms: float, profiled_ms: float) -> None:
+        """The machine's speed drifts (20-30% over minutes on the 2-core CI machine): a profile
+        measured in a fast spell makes every budget near a configuration's latency late in a slow
+        one. An EWMA of log(measured / profiled) over the served requests tracks the drift."""
+        if measured_ms > 0 and profiled_ms > 0:
+            ratio = min(max(math.log(measured_ms / profiled_ms), -0.7), 0.7)  # one odd request moves it little
+            self.log_speed += self.speed_tracking * (ratio - self.log_speed)
 
 
 def remember(cache: dict, key, limit: int, value):

@@ -53,6 +53,9 @@ class GRPOModule(L.LightningModule):
                                    "entropy_coef": entropy_coef, "num_iterations": num_iterations,
                                    "scale_rewards": scale_rewards, "reward": vars(reward),
                                    "feasible_ms": list(env.feasible), "space": vars(policy.space),
+                                   # per configuration (tiers, P, K, N; NaN: invalid): what serving's
+                                   # speed tracking compares a request's measured latency with
+                                   "config_latency_ms": env.latency.nanmedian(0).values.tolist(),
                                    "d_model": policy.stage1[0].in_features - policy.budget.dim,
                                    "budget_dim": policy.budget.dim, "hidden": policy.stage1[0].out_features,
                                    "budget_token": policy.budget_token is not None})
