@@ -228,11 +228,19 @@ def test_serving_language_feature_matches_training(backbone):
             assert torch.allclose(torch.from_numpy(total) / n, row, atol=1e-6)
 
 
+def bound_controller(backbone, policy: TwoStagePolicy, **options):
+    """A GRPOController serving `policy` as bind() would set it up from a checkpoint."""
+    from lvlm_ctrl.controllers.grpo import GRPOController, embedding_view
+
+    ctl = GRPOController(**options)
+    d = backbone.model.get_input_embeddings().weight.shape[1]
+    ctl.policy, ctl.kernel, ctl.embeddings = policy, ArgmaxKernel(policy, d), embedding_view(backbone)
+    return ctl
+
+
 def test_serving_decides_as_the_policy_does(backbone, easy_samples):
     """GRPOController.serve (numpy kernel inside the serving forward pass) takes the policy's greedy
     decision for the same question, budget and latency token, at budgets that lead to different tiers."""
-    from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
-    from lvlm_ctrl.controllers.grpo import GRPOController, embedding_view
     from lvlm_ctrl.grpo.env import language_features
 
     space = backbone.space
@@ -242,8 +250,7 @@ def test_serving_decides_as_the_policy_does(backbone, easy_samples):
     with torch.no_grad():
         for p in policy.parameters():
             p.mul_(3)
-    ctl = GRPOController()
-    ctl.policy, ctl.kernel, ctl.embeddings = policy, ArgmaxKernel(policy, d), embedding_view(backbone)
+    ctl = bound_controller(backbone, policy)
     tiers = set()
     for s in easy_samples[:3]:
         lang = language_features(backbone, [s.question])
@@ -295,14 +302,9 @@ def test_budget_token_latency_token_is_the_same_in_training_and_serving(backbone
 def test_budget_token_serving_keeps_one_query_per_budget(backbone, easy_samples):
     """GRPOController.serve with a budget-token policy: the token's embedding is computed once per
     budget and reused, and a repeated request is answered and decided the same way."""
-    from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
-    from lvlm_ctrl.controllers.grpo import GRPOController, embedding_view
-
     torch.manual_seed(11)
     d = backbone.model.get_input_embeddings().weight.shape[1]
-    policy = TwoStagePolicy(backbone.space, d_model=d, hidden=32, budget_token=True).eval()
-    ctl = GRPOController()
-    ctl.policy, ctl.kernel, ctl.embeddings = policy, ArgmaxKernel(policy, d), embedding_view(backbone)
+    ctl = bound_controller(backbone, TwoStagePolicy(backbone.space, d_model=d, hidden=32, budget_token=True).eval())
     s = easy_samples[0]
     first, _ = ctl.serve(backbone, s.question, s.load_image(), 40.0)
     again, _ = ctl.serve(backbone, s.question, s.load_image(), 40.0)
@@ -315,16 +317,14 @@ def test_speed_tracking_scales_the_budget_by_the_measured_drift(backbone, easy_s
     """controller.speed_tracking: on a machine far slower than the profile says, the speed estimate
     climbs to its bound (x2, one odd request moves it little) and the policy decides for
     budget / speed, as the profile's machine would."""
-    from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
-    from lvlm_ctrl.controllers.grpo import GRPOController, embedding_view
+    from lvlm_ctrl.controllers.grpo import GRPOController
     from lvlm_ctrl.grpo.env import language_features
 
     space = backbone.space
     torch.manual_seed(7)
     d = backbone.model.get_input_embeddings().weight.shape[1]
     policy = TwoStagePolicy(space, d_model=d, hidden=32).eval()
-    ctl = GRPOController(speed_tracking=0.5)
-    ctl.policy, ctl.kernel, ctl.embeddings = policy, ArgmaxKernel(policy, d), embedding_view(backbone)
+    ctl = bound_controller(backbone, policy, speed_tracking=0.5)
     s, budget = easy_samples[0], 80.0
     image = s.load_image()
     gen, _ = ctl.serve(backbone, s.question, image, budget)  # tracking off: expected is None

@@ -93,9 +93,9 @@ class GRPOController:
     def serve(self, backbone, question: str, image, budget_ms: float):
         """Answer one request; returns (Generation with the chosen knobs, controller overhead in ms)."""
         t0 = time.perf_counter()
-        asked = budget_ms = float(budget_ms)
+        budget_ms = float(budget_ms)
         if self.expected is not None:  # decide for the budget as the profile's machine would see it
-            budget_ms = asked / self.speed
+            budget_ms /= self.speed
         lang = self.questions.get(question)
         if lang is None:
             lang = remember(self.questions, question, self.question_cache,
