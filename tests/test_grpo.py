@@ -113,6 +113,31 @@ def test_stage2_knows_the_tier_even_when_the_latency_token_does_not():
     assert not torch.allclose(low, high)
 
 
+def test_num_blocks_is_chosen_per_top_k():
+    """What fits a budget is a (top_k, num_blocks) pair: each top_k has its own num_blocks logits,
+    masked alike, and log pi reads the row of the top_k taken."""
+    space, policy, lang, tokens, budget = policy_and_inputs(batch=8, seed=3)
+    feat = policy.budget(budget)
+    tier, ins = torch.zeros(8, dtype=torch.long), torch.full((8,), 3, dtype=torch.long)  # p=4: 2 options
+    _, blocks = policy.stage2_logits(tokens[:, 0, 3], feat, tier, ins)
+    assert blocks.shape == (8, len(space.top_ks), space.max_block_options)
+    assert not torch.allclose(blocks[:, 0, :2], blocks[:, 1, :2])
+    assert (blocks[:, :, 2:] < -1e8).all()
+    lo, hi = (Decision(tier, ins, torch.full((8,), k), torch.zeros(8, dtype=torch.long)) for k in (0, 1))
+    blocks_lp = {k: policy.log_prob_and_entropy(lang, tokens, budget, d, heads=("num_blocks",))[0] for k, d in ((0, lo), (1, hi))}
+    for k in (0, 1):
+        assert torch.allclose(blocks_lp[k], blocks[:, k].log_softmax(-1)[:, 0])
+
+
+def test_checkpoint_of_the_older_num_blocks_head_is_a_clear_error(tmp_path):
+    from lvlm_ctrl.controllers.grpo import load_policy
+
+    old = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": {"space": vars(KnobSpace()), "d_model": D}, "state_dict": {}}, old)
+    with pytest.raises(UserError, match="older lvlm_ctrl.*retrain"):
+        load_policy(old)
+
+
 def test_slo_accuracy_counts_late_answers_only_past_the_allowed_violation_rate():
     from lvlm_ctrl.grpo.module import slo_accuracy
 

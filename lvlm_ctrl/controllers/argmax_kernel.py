@@ -31,7 +31,7 @@ class ArgmaxKernel:
         self.b2 = (_np(s2[2].bias), _np(s2[4].bias))
         dec = policy.decision_embed.weight
         self.decision_bias = _np(dec @ s2[0].weight[:, -dec.shape[1]:].T)  # (tiers * P, hidden)
-        self.n_tier, self.n_ins, self.n_topk = policy.n_tier, policy.n_ins, policy.n_topk
+        self.n_tier, self.n_ins, self.n_topk, self.n_blocks = policy.n_tier, policy.n_ins, policy.n_topk, policy.n_blocks
         hidden = self.w1[1].shape[0]
         self._h, self._first = np.empty(hidden, np.float32), np.empty(hidden, np.float32)
         self._budget: dict[float, tuple[np.ndarray, np.ndarray]] = {}
@@ -83,5 +83,6 @@ class ArgmaxKernel:
         first = self.w2[0] @ token
         first += self.budget_bias(budget_ms)[1][tier_idx * self.n_ins + ins_idx]
         out = self._hidden(first, self.w2, self.b2)
-        n = self.n_topk
-        return int(out[:n].argmax()), int(out[n:n + n_valid].argmax())
+        k = int(out[:self.n_topk].argmax())
+        start = self.n_topk + k * self.n_blocks  # num_blocks logits at that top_k
+        return k, int(out[start:start + n_valid].argmax())

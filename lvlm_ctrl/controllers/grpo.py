@@ -32,6 +32,9 @@ def load_policy(ckpt: str | Path) -> tuple[TwoStagePolicy, dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         hp = ckpt["hyper_parameters"]
+        if "blocks_per_top_k" not in hp and "space" in hp:
+            raise UserError(f"{path} was trained by an older lvlm_ctrl whose num_blocks head ignores top_k: retrain "
+                            "it with python -m lvlm_ctrl.train controller=grpo")
         space = KnobSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in hp["space"].items()})
         policy = TwoStagePolicy(space, d_model=hp["d_model"], budget_dim=hp["budget_dim"], hidden=hp["hidden"],
                                 budget_token=hp.get("budget_token", False))

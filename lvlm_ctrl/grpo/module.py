@@ -58,7 +58,8 @@ class GRPOModule(L.LightningModule):
                                    "config_latency_ms": env.latency.nanmedian(0).values.tolist(),
                                    "d_model": policy.stage1[0].in_features - policy.budget.dim,
                                    "budget_dim": policy.budget.dim, "hidden": policy.stage1[0].out_features,
-                                   "budget_token": policy.budget_token is not None})
+                                   "budget_token": policy.budget_token is not None,
+                                   "blocks_per_top_k": True})
 
     def on_fit_start(self):
         if self.backbone is not None:

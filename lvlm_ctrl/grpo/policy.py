@@ -1,7 +1,9 @@
 """The two-stage policy (seeds/000): stage 1 picks (tier, p) from the question and the budget
 before the image is seen; stage 2 picks (top_k, num_blocks) from the latency token of the serving
 forward pass. log pi(config) is the sum of the four heads' log-probabilities; num_blocks options
-that are invalid at p are masked, so they are never sampled and carry no probability.
+that are invalid at p are masked, so they are never sampled and carry no probability. Each head
+after the first is conditioned on the one before it within its stage (insertion on the tier,
+num_blocks on top_k): what fits a budget is a property of the pair, not of either knob alone.
 """
 
 from __future__ import annotations
@@ -78,8 +80,11 @@ class TwoStagePolicy(nn.Module):
         # num_blocks that fit a budget depend on it
         self.n_tier, self.n_ins = len(space.tiers), len(space.insertions)
         self.decision_embed = nn.Embedding(self.n_tier * self.n_ins, 32)
-        self.stage2 = mlp(d_model + budget_dim + 32, hidden, len(space.top_ks) + space.max_block_options)
-        self.n_topk = len(space.top_ks)
+        # num_blocks logits per top_k: with independent heads, k6 n12 (the best fit at a tight budget)
+        # loses to k4 n13, since k6 looks late while num_blocks still samples n13 and n12 looks worse
+        # while top_k still samples k4; three seeds settled on k4 (-1.9 points at 15 ms)
+        self.n_topk, self.n_blocks = len(space.top_ks), space.max_block_options
+        self.stage2 = mlp(d_model + budget_dim + 32, hidden, self.n_topk * (1 + self.n_blocks))
 
     def budget_query(self, budget_ms: torch.Tensor) -> torch.Tensor:
         """The budget token's input embedding, (B, 1, d_model)."""
@@ -94,12 +99,13 @@ class TwoStagePolicy(nn.Module):
     def stage2_logits(self, latency_token: torch.Tensor, budget_feat: torch.Tensor, tier_idx: torch.Tensor,
                       insertion_idx: torch.Tensor):
         x = torch.cat([latency_token, budget_feat, self.decision_embed(tier_idx * self.n_ins + insertion_idx)], dim=-1)
+        """-> top_k logits (B, K) and num_blocks logits per top_k (B, K, N), invalid options masked."""
         out = self.stage2(x)
         ins = torch.tensor(self.space.insertions, device=insertion_idx.device)[insertion_idx]
-        mask = self.space.num_blocks_mask(ins)
+        mask = self.space.num_blocks_mask(ins)[:, None]
+        blocks = out[:, self.n_topk:].reshape(len(out), self.n_topk, self.n_blocks)
         # a large finite negative, not -inf: probability exactly 0, and no 0 * inf = NaN in gradients
-        blocks = out[:, self.n_topk:].masked_fill(~mask, MASKED)
-        return out[:, : self.n_topk], blocks
+        return out[:, : self.n_topk], blocks.masked_fill(~mask, MASKED)
 
     # ---- distributions -----------------------------------------------------------------
     def stage1_dists(self, lang, budget_feat):
@@ -108,8 +114,9 @@ class TwoStagePolicy(nn.Module):
         return Categorical(logits=tier), lambda t: Categorical(logits=ins[torch.arange(len(t)), t])
 
     def stage2_dists(self, latency_token, budget_feat, tier_idx, insertion_idx):
+        """top_k's distribution and a function top_k -> num_blocks' distribution at that top_k."""
         topk, blocks = self.stage2_logits(latency_token, budget_feat, tier_idx, insertion_idx)
-        return Categorical(logits=topk), Categorical(logits=blocks)
+        return Categorical(logits=topk), lambda k: Categorical(logits=blocks[torch.arange(len(k)), k])
 
     def log_prob_and_entropy(self, lang, latency_tokens, budget_ms, decision: Decision, heads=HEADS):
         """Sum of the log-probabilities of `heads` (default: all four) and every head's entropy.
@@ -120,7 +127,8 @@ class TwoStagePolicy(nn.Module):
         d_tier, ins_given = self.stage1_dists(lang, feat)
         d_ins = ins_given(decision.tier)
         tok = latency_tokens[torch.arange(len(decision.insertion)), decision.tier, decision.insertion]
-        d_topk, d_blocks = self.stage2_dists(tok, feat, decision.tier, decision.insertion)
+        d_topk, blocks_given = self.stage2_dists(tok, feat, decision.tier, decision.insertion)
+        d_blocks = blocks_given(decision.top_k)
         dists = {"tier": d_tier, "insertion": d_ins, "top_k": d_topk, "num_blocks": d_blocks}
         logp = sum(dists[h].log_prob(getattr(decision, h)) for h in heads)
         return logp, {h: d.entropy() for h, d in dists.items()}
@@ -141,5 +149,6 @@ class TwoStagePolicy(nn.Module):
             tier = pick(d_tier)
             ins = pick(ins_given(tier))
         tok = latency_tokens[torch.arange(len(ins)), tier, ins]
-        d_topk, d_blocks = self.stage2_dists(tok, feat, tier, ins)
-        return Decision(tier, ins, pick(d_topk), pick(d_blocks))
+        d_topk, blocks_given = self.stage2_dists(tok, feat, tier, ins)
+        top_k = pick(d_topk)
+        return Decision(tier, ins, top_k, pick(blocks_given(top_k)))
