@@ -45,6 +45,12 @@ def mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out))
 
 
+def given(logits: torch.Tensor):
+    """logits (B, options, choices) -> a function: the chosen option per row (B,) -> the distribution
+    over choices at that option (a head conditioned on the head before it)."""
+    return lambda chosen: Categorical(logits=logits[torch.arange(len(chosen)), chosen])
+
+
 @dataclass
 class Decision:
     """Indices into the knob space's options, one per head; (B,) long tensors."""
@@ -98,8 +104,8 @@ class TwoStagePolicy(nn.Module):
 
     def stage2_logits(self, latency_token: torch.Tensor, budget_feat: torch.Tensor, tier_idx: torch.Tensor,
                       insertion_idx: torch.Tensor):
-        x = torch.cat([latency_token, budget_feat, self.decision_embed(tier_idx * self.n_ins + insertion_idx)], dim=-1)
         """-> top_k logits (B, K) and num_blocks logits per top_k (B, K, N), invalid options masked."""
+        x = torch.cat([latency_token, budget_feat, self.decision_embed(tier_idx * self.n_ins + insertion_idx)], dim=-1)
         out = self.stage2(x)
         ins = torch.tensor(self.space.insertions, device=insertion_idx.device)[insertion_idx]
         mask = self.space.num_blocks_mask(ins)[:, None]
@@ -111,12 +117,12 @@ class TwoStagePolicy(nn.Module):
     def stage1_dists(self, lang, budget_feat):
         """The tier's distribution and a function tier -> the insertion's distribution at that tier."""
         tier, ins = self.stage1_logits(lang, budget_feat)
-        return Categorical(logits=tier), lambda t: Categorical(logits=ins[torch.arange(len(t)), t])
+        return Categorical(logits=tier), given(ins)
 
     def stage2_dists(self, latency_token, budget_feat, tier_idx, insertion_idx):
         """top_k's distribution and a function top_k -> num_blocks' distribution at that top_k."""
         topk, blocks = self.stage2_logits(latency_token, budget_feat, tier_idx, insertion_idx)
-        return Categorical(logits=topk), lambda k: Categorical(logits=blocks[torch.arange(len(k)), k])
+        return Categorical(logits=topk), given(blocks)
 
     def log_prob_and_entropy(self, lang, latency_tokens, budget_ms, decision: Decision, heads=HEADS):
         """Sum of the log-probabilities of `heads` (default: all four) and every head's entropy.
