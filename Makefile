@@ -13,30 +13,21 @@ install: .venv/.installed
 	$(PIP) install -q -e ".[test]"
 	touch $@
 
-# The main job on the embedded default:
-#  1. profile VAL val questions at all 225 configurations, latency measured (resumes if stopped);
-#  2. answer ANSWERS val questions at every configuration in batches (latency=predicted, so it
-#     needs the latency model fitted on step 1) and give them step 1's measured latencies
-#     (profile_bootstrap): more questions to learn from, with this machine's latency tails;
-#  3. train the GRPO controller on that profile (W&B offline run under $(RUN)/train/wandb);
-#  4. evaluate it on TEST test questions at 10 budgets (measured latency).
-# About 25 min on 2 cores from a fresh clone, install included.
-RUN ?= outputs/run
+# The main job on the embedded default: the design card's command, then the evaluation.
+#  1. python -m lvlm_ctrl.train controller=grpo budget=uniform: when outputs/profiles/tiny_moe/
+#     easy_vqa-val-$(ANSWERS) holds no profile, it prepares one first (VAL questions timed at every
+#     configuration, the latency model, ANSWERS questions answered in batches, their latencies
+#     bootstrapped), then trains the GRPO controller (W&B offline run under $(RUN)/train/wandb);
+#  2. evaluate its best.ckpt on TEST test questions at 10 budgets (measured latency, calibrated).
+# About 20 min on 2 cores from a fresh clone, install included; a second run reuses the profile.
+STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+RUN ?= outputs/run/$(STAMP)
 VAL ?= 150
 ANSWERS ?= 500
 TEST ?= 1000
 run: install
-	$(PY) -m lvlm_ctrl.profile data.split=val data.limit=$(VAL) profile.path=$(RUN)/profile-val-$(VAL) \
-		hydra.run.dir=$(RUN)/profile
-	$(PY) -m lvlm_ctrl.latency_model profile.path=$(RUN)/profile-val-$(VAL) output=$(RUN)/latency_model.json \
-		hydra.run.dir=$(RUN)/latency_model
-	$(PY) -m lvlm_ctrl.profile data.split=val data.limit=$(ANSWERS) latency=predicted \
-		latency.model=$(RUN)/latency_model.json profile.batch_size=64 model.experts_implementation=grouped_mm \
-		profile.path=$(RUN)/answers-val-$(ANSWERS) hydra.run.dir=$(RUN)/answers
-	$(PY) -m lvlm_ctrl.profile_bootstrap $(RUN)/answers-val-$(ANSWERS) $(RUN)/profile-val-$(VAL) \
-		$(RUN)/train-profile.parquet
-	$(PY) -m lvlm_ctrl.train controller=grpo budget=uniform data.limit=$(ANSWERS) \
-		profile.path=$(RUN)/train-profile.parquet hydra.run.dir=$(RUN)/train
+	$(PY) -m lvlm_ctrl.train controller=grpo budget=uniform profile.measured=$(VAL) data.limit=$(ANSWERS) \
+		hydra.run.dir=$(RUN)/train
 	$(PY) -m lvlm_ctrl.evaluate controller=grpo ckpt=$(RUN)/train/checkpoints/best.ckpt \
 		data.split=test data.limit=$(TEST) hydra.run.dir=$(RUN)/eval
 

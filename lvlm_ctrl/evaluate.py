@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
+from tqdm import tqdm
 
+from lvlm_ctrl.controllers import serving_controller
 from lvlm_ctrl.controllers.lookup import check_budget
 from lvlm_ctrl.controllers.static import StaticController
-from lvlm_ctrl.errors import cli
-from lvlm_ctrl.io import atomic_write_json, command, machine
+from lvlm_ctrl.errors import UserError, cli
+from lvlm_ctrl.io import atomic_write_json, check_writable, command, machine
 from lvlm_ctrl.metrics import vqa_score
 from lvlm_ctrl.plots import accuracy_vs_budget, load_summaries
 
@@ -34,18 +35,42 @@ def parse_budgets(values) -> list[float | None]:
         return [None]
     if isinstance(values, (int, float, str)):
         values = [values]
+    if len(values) == 0:
+        raise UserError("eval.budgets_ms is empty: give budgets in ms, e.g. 'eval.budgets_ms=[20,40]', or null for "
+                        "eval.num_budgets over the controller's feasible range")
     return [check_budget(v) for v in values]
 
 
 def serve(backbone, controller, sample, image, budget_ms):
-    """One request through a controller: (Generation, knobs, controller overhead in ms)."""
+    """One request through a controller: (Generation, knobs, controller overhead in ms). A controller
+    that calibrates its latency (lookup, grpo) observes the request's measured latency afterwards."""
     if hasattr(controller, "serve"):  # two-stage controllers decide inside the serving pass
         gen, overhead = controller.serve(backbone, sample.question, image, budget_ms)
-        return gen, gen.knobs, overhead
-    t0 = time.perf_counter()
-    knobs = controller.decide(sample, budget_ms)
-    overhead = (time.perf_counter() - t0) * 1e3
-    return backbone.generate([image], [sample.question], knobs), knobs, overhead
+        knobs = gen.knobs
+    else:
+        t0 = time.perf_counter()
+        knobs = controller.decide(sample, budget_ms)
+        overhead = (time.perf_counter() - t0) * 1e3
+        gen = backbone.generate([image], [sample.question], knobs)
+    if budget_ms is not None and hasattr(controller, "observe"):
+        controller.observe(knobs, gen.total_ms + overhead, budget_ms)
+    return gen, knobs, overhead
+
+
+def warm_up(backbone, controller, samples, budget, n: int = 3, image=None) -> None:
+    """Untimed requests first (a fresh process pays for lazy initialisation), then, when the controller
+    calibrates, a few configurations timed to start its calibration from this machine's state."""
+    images = [image] * len(samples) if image is not None else [s.load_image() for s in samples[:max(n, 1)]]
+    calibration = getattr(controller, "calibration", None)
+    if calibration is not None:
+        controller.calibration = None  # lazy initialisation is not this machine's speed
+    for s, img in zip(samples[:n], images):
+        serve(backbone, controller, s, img, budget)
+    if calibration is not None and samples:
+        controller.calibration = calibration
+        s, image = samples[0], images[0]
+        calibration.warm_up(lambda knobs: backbone.generate([image], [s.question], knobs).total_ms,
+                            controller.profiled_configurations())
 
 
 def run_requests(backbone, controller, samples, budgets: list, warmup: int = 3) -> dict:
@@ -54,19 +79,21 @@ def run_requests(backbone, controller, samples, budgets: list, warmup: int = 3) 
     Budgets are interleaved per sample, so a slow spell of the machine hits every budget alike
     instead of inflating the violation rate of whichever budget ran during it.
     """
-    for s in samples[:warmup]:
-        serve(backbone, controller, s, s.load_image(), budgets[-1])
+    warm_up(backbone, controller, samples, budgets[-1], warmup)
     records = {b: [] for b in budgets}
-    for s in samples:
-        image = s.load_image()
-        for b in budgets:
-            gen, knobs, overhead = serve(backbone, controller, s, image, b)
-            records[b].append({
-                "sample_id": s.sample_id, "prediction": gen.answers[0],
-                "accuracy": vqa_score(gen.answers[0], list(s.answers)), "knobs": knobs.as_dict(),
-                "overhead_ms": overhead, "T_vision_ms": gen.vision_ms, "T_prefill_ms": gen.prefill_ms,
-                "T_decode_ms": gen.decode_ms, "latency_ms": gen.total_ms + overhead,
-            })
+    with tqdm(total=len(samples) * len(budgets), desc=f"evaluate {controller.name}", unit="req",
+              dynamic_ncols=True) as bar:
+        for s in samples:
+            image = s.load_image()
+            for b in budgets:
+                gen, knobs, overhead = serve(backbone, controller, s, image, b)
+                records[b].append({
+                    "sample_id": s.sample_id, "prediction": gen.answers[0],
+                    "accuracy": vqa_score(gen.answers[0], list(s.answers)), "knobs": knobs.as_dict(),
+                    "overhead_ms": overhead, "T_vision_ms": gen.vision_ms, "T_prefill_ms": gen.prefill_ms,
+                    "T_decode_ms": gen.decode_ms, "latency_ms": gen.total_ms + overhead,
+                })
+            bar.update(len(budgets))
     return records
 
 
@@ -101,12 +128,16 @@ def auc(results: list[dict]) -> float | None:
 @cli
 def main(cfg: DictConfig) -> float | None:
     budgets = parse_budgets(cfg.eval.budgets_ms)
+    num_budgets = cfg.eval.num_budgets
+    if isinstance(num_budgets, bool) or not isinstance(num_budgets, int) or num_budgets < 1:
+        raise UserError(f"eval.num_budgets={num_budgets!r}: give a whole number of budgets >= 1")
     compare = load_summaries(cfg.eval.compare)
+    out = check_writable(cfg.eval.output_dir) / "eval_summary.json"
     backbone = hydra.utils.instantiate(cfg.model)
-    controller = hydra.utils.instantiate(cfg.controller).bind(backbone)
+    controller = serving_controller(cfg, backbone)
     dataset = hydra.utils.instantiate(cfg.data)
     if budgets == [None] and hasattr(controller, "default_budgets"):
-        budgets = controller.default_budgets(cfg.eval.num_budgets)
+        budgets = controller.default_budgets(num_budgets)
     if isinstance(controller, StaticController):
         # its choice ignores the budget: serve once, score against every budget
         records = run_requests(backbone, controller, dataset.samples, [None], cfg.eval.warmup)[None]
@@ -114,18 +145,24 @@ def main(cfg: DictConfig) -> float | None:
     else:
         records = run_requests(backbone, controller, dataset.samples, budgets, cfg.eval.warmup)
         results = [summarize(records[b], b) for b in budgets]
-    out = Path(cfg.eval.output_dir) / "eval_summary.json"
+    calibration = getattr(controller, "calibration", None)
     summary = {
         "controller": controller.name, "dataset": dataset.name, "split": dataset.split,
         "num_samples": len(dataset), "latency_source": cfg.latency.source, "backbone": backbone.name,
+        "calibration": calibration.state() if calibration is not None else None,
         "results": results, "auc": auc(results), "command": command("lvlm_ctrl.evaluate"), "machine": machine(),
     }
     atomic_write_json(out, summary)
     if summary["auc"] is not None:
         accuracy_vs_budget([summary, *compare], out.with_name("accuracy_vs_budget.png"))
+    print(f"{'budget ms':>10} {'accuracy':>9} {'late':>6} {'median ms':>10} {'p95 ms':>8}")
     for r in results:
-        print(f"budget={r['budget_ms']} accuracy={r['accuracy']:.4f} median_latency_ms={r['median_latency_ms']:.1f} "
-              f"p95_latency_ms={r['p95_latency_ms']:.1f} violation_rate={r['violation_rate']}")
+        budget = "-" if r["budget_ms"] is None else f"{r['budget_ms']:.1f}"
+        late = "-" if r["violation_rate"] is None else f"{r['violation_rate']:.1%}"
+        print(f"{budget:>10} {r['accuracy']:>9.4f} {late:>6} {r['median_latency_ms']:>10.1f} "
+              f"{r['p95_latency_ms']:>8.1f}")
+    if summary["auc"] is not None:
+        print(f"AUC {summary['auc']:.4f}")
     print(f"wrote {out}")
     return summary["auc"] if summary["auc"] is not None else results[0]["accuracy"]
 

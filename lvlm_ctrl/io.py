@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -45,3 +46,39 @@ def machine() -> dict:
 def command(module: str) -> str:
     """The command line that produced a result, for the record."""
     return " ".join(["python -m", module] + sys.argv[1:])
+
+
+@contextmanager
+def exclusive(lock_file: str | Path, what: str):
+    """Hold an exclusive lock on lock_file (created if missing) for the block. A second process on the
+    same work waits here, then finds the work done instead of doing it again."""
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process that is {what} ({lock_file})", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def check_writable(directory: str | Path) -> Path:
+    """Fail before the work, not after it: the directory can be created and written into."""
+    from lvlm_ctrl.errors import UserError
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise UserError(f"cannot write into {directory} ({err.strerror or err}): pick a writable directory "
+                        "(hydra.run.dir=... or the output option)") from None
+    return directory

@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from lvlm_ctrl.errors import UserError, cli
-from lvlm_ctrl.io import atomic_write_json, command, machine
+from lvlm_ctrl.io import atomic_write_json, check_writable, command, machine
 from lvlm_ctrl.profiling import KNOB_COLUMNS, read_profile
 
 STAGES = ["T_vision_ms", "T_prefill_ms", "T_decode_ms"]
@@ -106,20 +106,30 @@ def mape(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean(np.abs(pred - true) / np.maximum(true, 1e-9)))
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="latency_model")
-@cli
-def main(cfg: DictConfig) -> float:
-    df = read_profile(cfg.profile.path)
-    held = held_out_mask(df["sample_id"], cfg.held_out)
+def fit_and_report(df: pd.DataFrame, held_out: float, required: bool = True) -> tuple[LatencyModel, float | None]:
+    """Fit on all but the held-out samples (by id); -> the model and its MAPE of T_total on those.
+    With too few samples to hold some out: an error, or (required=False) a fit on all and no MAPE."""
+    held = held_out_mask(df["sample_id"], held_out)
     if held.all() or not held.any():
-        raise UserError("too few samples to hold some out; profile more samples or change held_out")
+        if required:
+            raise UserError("too few samples to hold some out; profile more samples or change held_out")
+        return LatencyModel.fit(df), None
     model = LatencyModel.fit(df[~held])
     test = df[held]
     err = mape(model.predict_frame(test), test["T_total_ms"].to_numpy(float))
-    model.meta.update({"held_out_mape": err, "held_out_records": int(held.sum()), "profile": str(cfg.profile.path),
-                       "command": command("lvlm_ctrl.latency_model"), "machine": machine()})
+    model.meta.update({"held_out_mape": err, "held_out_records": int(held.sum()), "command": command(
+        "lvlm_ctrl.latency_model"), "machine": machine()})
+    return model, err
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="latency_model")
+@cli
+def main(cfg: DictConfig) -> float:
+    check_writable(Path(cfg.output).parent)
+    model, err = fit_and_report(read_profile(cfg.profile.path), cfg.held_out)
+    model.meta["profile"] = str(cfg.profile.path)
     out = model.save(Path(cfg.output))
-    print(f"held-out MAPE of T_total: {err * 100:.2f}% over {int(held.sum())} records; wrote {out}")
+    print(f"held-out MAPE of T_total: {err * 100:.2f}% over {model.meta['held_out_records']} records; wrote {out}")
     return err
 
 

@@ -21,15 +21,16 @@ import pyarrow.parquet as pq
 
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_bytes
-from lvlm_ctrl.profiling import KNOB_COLUMNS, SCHEMA, read_profile
+from lvlm_ctrl.profiling import KNOB_COLUMNS, SCHEMA, read_profile, with_optional_columns
 
-LATENCY = ["T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_total_ms", "device"]
+LATENCY = ["T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_total_ms", "device", "retimed"]
 
 
 def bootstrap(answers: pd.DataFrame, measured: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     if set(answers["backbone"]) != set(measured["backbone"]):
         raise UserError(f"the profiles come from different backbones ({sorted(set(answers['backbone']))} vs "
                         f"{sorted(set(measured['backbone']))}); bootstrap a profile of the same backbone")
+    answers, measured = with_optional_columns(answers), with_optional_columns(measured)
     own = set(measured["sample_id"])
     rng = np.random.default_rng(seed)
     ids = sorted(set(answers["sample_id"]))

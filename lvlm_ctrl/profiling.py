@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,7 +24,12 @@ SCHEMA = pa.schema([
     ("prediction", pa.string()), ("accuracy", pa.float64()),
     ("T_vision_ms", pa.float64()), ("T_prefill_ms", pa.float64()), ("T_decode_ms", pa.float64()),
     ("T_total_ms", pa.float64()), ("latency_source", pa.string()), ("backbone", pa.string()), ("device", pa.string()),
+    ("retimed", pa.int16()),  # times the request was timed again after a disturbance (profile.StallGuard)
 ])
+OPTIONAL = {"latency_source": None, "retimed": 0}  # columns that profiles of older versions lack
+# A row over FENCE x its configuration's median was timed while something else held the machine
+# (the stall guard re-times such rows; older profiles kept them): latency quantiles leave it out.
+FENCE = 3.0
 KEY = ["dataset", "split", "sample_id", *KNOB_COLUMNS]
 
 
@@ -47,13 +53,29 @@ def read_profile(path: str | Path, required: bool = True) -> pd.DataFrame:
     except (pa.ArrowInvalid, OSError) as err:
         raise UserError(f"malformed profile part under {path}: {err}; delete the broken file and rerun") from None
     df = pd.concat(frames, ignore_index=True)
-    missing = set(SCHEMA.names) - set(df.columns) - {"latency_source"}
+    missing = set(SCHEMA.names) - set(df.columns) - set(OPTIONAL)
     if missing:
         raise UserError(f"profile at {path} lacks columns {sorted(missing)}; it was not written by lvlm_ctrl.profile")
+    df = with_optional_columns(df)
     if df.empty and required:
         raise UserError(f"the profile at {path} is empty: profile at least one sample")
     # a merge killed before it removed its parts leaves each record twice; the latest copy wins
     return df.drop_duplicates(KEY, keep="last", ignore_index=True)
+
+
+def with_optional_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The columns older profiles lack, at their default."""
+    missing = {c: v for c, v in OPTIONAL.items() if c not in df}
+    return df.assign(**missing) if missing else df
+
+
+def robust_quantile(latencies, q: float) -> float:
+    """The q-quantile of one configuration's latencies without the rows over FENCE x their median."""
+    x = np.asarray(latencies, dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return float("nan")
+    return float(np.quantile(x[x <= FENCE * np.median(x)], q))
 
 
 def stored_rows(path: str | Path) -> int:

@@ -3,11 +3,13 @@
     python -m lvlm_ctrl.train controller=grpo budget=uniform
     python -m lvlm_ctrl.train -m controller=grpo controller.group_size=4,8 controller.lr=1e-4,3e-4
     python -m lvlm_ctrl.train controller=grpo strategy=ddp trainer.devices=2
-    python -m lvlm_ctrl.train controller=lookup profile.path=outputs/profiles/easy_vqa-val-300
+    python -m lvlm_ctrl.train controller=lookup
 
-Both controllers learn from the offline profile at profile.path (python -m lvlm_ctrl.profile): the
-lookup table aggregates it; GRPO uses it as its environment (grpo/env.py). Returns the sweep
-objective (for grpo the best val/auc_slo).
+Both controllers learn from the offline profile at profile.path, which the ProfileDataModule
+(data/profiles.py) prepares first when there is none. What the controller config instantiates
+decides the training: a LightningModule (GRPO) is fitted by a Lightning Trainer on that DataModule;
+a controller with `fit(profile)` (the lookup table) aggregates the profile. Returns the sweep
+objective (GRPO: the best val/auc_slo).
 """
 
 from __future__ import annotations
@@ -16,16 +18,22 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from lvlm_ctrl.controllers import training_node
 from lvlm_ctrl.errors import UserError, cli
-from lvlm_ctrl.profiling import read_profile
+from lvlm_ctrl.io import atomic_write_text, check_writable
+
+RUN_CONFIG = "config.yaml"  # beside the checkpoints: the config of the run that wrote them (infer.from_run)
 
 
-def train_lookup(cfg: DictConfig) -> float:
-    controller = hydra.utils.instantiate(cfg.controller)
-    table = controller.fit(read_profile(cfg.profile.path))
+def build_data(cfg: DictConfig, backbone):
+    dataset = hydra.utils.instantiate(cfg.data)
+    return hydra.utils.instantiate(cfg.profile, backbone=backbone, dataset=dataset, seed=cfg.seed)
+
+
+def train_lookup(cfg: DictConfig, controller, data) -> float:
+    table = controller.fit(data.profile())
     out = table.save(Path(cfg.paths.output_dir) / "lookup_table.json")
     stats = table.get_statistics()
     print(f"lookup table: {stats['num_configurations']} configurations, latency "
@@ -34,81 +42,76 @@ def train_lookup(cfg: DictConfig) -> float:
     return float(stats["mean_accuracy"])
 
 
-def train_grpo(cfg: DictConfig) -> float:
-    from lvlm_ctrl.grpo.env import ProfileEnv, language_features, latency_tokens, prompt_states
-    from lvlm_ctrl.grpo.module import GRPOModule
-    from lvlm_ctrl.grpo.policy import TwoStagePolicy
-    from lvlm_ctrl.grpo.rewards import RewardConfig
-    from lvlm_ctrl.latency_model import LatencyModel, held_out_mask
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir) / "checkpoints"
 
-    c = cfg.controller
-    backbone = hydra.utils.instantiate(cfg.model)
-    latency_model = LatencyModel.load(cfg.latency.model) if cfg.latency.source == "predicted" else None
-    env = ProfileEnv(read_profile(cfg.profile.path), backbone.space, latency_model)
-    by_id = {s.sample_id: s for s in hydra.utils.instantiate(cfg.data).samples}
-    missing = [i for i in env.sample_ids if i not in by_id]
-    if missing:
-        raise UserError(f"{len(missing)} profiled samples (e.g. {missing[0]}) are not in data={cfg.data.name} "
-                        f"split={cfg.data.split} limit={cfg.data.limit}; pass the split the profile was made on")
-    samples = [by_id[i] for i in env.sample_ids]
-    # clone: tensors made under inference_mode cannot be module buffers that DDP broadcasts
-    lang = language_features(backbone, [s.question for s in samples]).clone()
-    if c.budget_token:  # the latency token depends on the budget: keep the prompts' states instead
-        states = [tuple(t.clone() for t in tier) for tier in prompt_states(backbone, samples)]
-        tokens = torch.empty(0)
-    else:
-        states, tokens = None, latency_tokens(backbone, samples).clone()
-    held = torch.tensor(held_out_mask(env.sample_ids, c.val_fraction))
-    train_idx, val_idx = torch.where(~held)[0], torch.where(held)[0]
-    if len(train_idx) == 0 or len(val_idx) == 0:
-        raise UserError("too few profiled samples to hold out a validation set; profile more samples")
-    env.use_for_slo(train_idx)
-    policy = TwoStagePolicy(backbone.space, d_model=lang.shape[1], hidden=c.hidden, budget_token=c.budget_token)
-    budgets = hydra.utils.instantiate(cfg.budget).bind(env.feasible)
-    val_budgets = torch.linspace(*env.feasible, c.val_num_budgets).tolist()
-    module = GRPOModule(policy, env, lang, tokens, budgets, RewardConfig(**c.reward), group_size=c.group_size,
-                        lr=c.lr, clip_eps=c.clip_eps, kl_coef=c.kl_coef, entropy_coef=c.entropy_coef,
-                        num_iterations=c.num_iterations, scale_rewards=c.scale_rewards,
-                        stage2_warmup_steps=c.stage2_warmup_steps, val_budgets=val_budgets,
-                        val_max_violation=c.val_max_violation, backbone=backbone if c.budget_token else None,
-                        prompt_states=states)
-    train_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_idx), batch_size=c.batch_size,
-                                               shuffle=True, drop_last=len(train_idx) > c.batch_size)
-    val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(val_idx), batch_size=len(val_idx))
+
+def train_module(cfg: DictConfig, module: L.LightningModule, data) -> float:
+    ckpt_dir = checkpoint_dir(cfg)
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":
+        ckpt_path = str(ckpt_dir / "last.ckpt")
+    if ckpt_path and not Path(ckpt_path).is_file():
+        raise UserError(f"no checkpoint to resume at {ckpt_path}; pass hydra.run.dir=<the run> with ckpt_path=last")
+    if not ckpt_path and any(ckpt_dir.glob("*.ckpt")):
+        raise UserError(f"{ckpt_dir} already holds checkpoints of another run: resume it with ckpt_path=last, or "
+                        "train into a new directory (hydra.run.dir=...)")
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else False
     callbacks = [hydra.utils.instantiate(cb) for cb in (cfg.get("callbacks") or {}).values()]
     if not logger:
         callbacks = [cb for cb in callbacks if not isinstance(cb, L.pytorch.callbacks.LearningRateMonitor)]
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=logger, callbacks=callbacks)
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path == "last":
-        ckpt_path = str(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
-    if ckpt_path and not Path(ckpt_path).exists():
-        raise UserError(f"no checkpoint to resume at {ckpt_path}; pass hydra.run.dir=<the run> with ckpt_path=last")
-    trainer.fit(module, train_loader, val_loader, ckpt_path=ckpt_path)
+    trainer_cfg = cfg.trainer
+    max_steps, every = trainer_cfg.get("max_steps", -1), trainer_cfg.get("val_check_interval")
+    if isinstance(every, int) and 0 < max_steps < every:  # every run ends validated, with a checkpoint
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"val_check_interval": max_steps})
+    trainer = hydra.utils.instantiate(trainer_cfg, logger=logger, callbacks=callbacks)
+    if trainer.is_global_zero:
+        atomic_write_text(ckpt_dir / RUN_CONFIG, OmegaConf.to_yaml(run_config(cfg)))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     if isinstance(logger, L.pytorch.loggers.WandbLogger) and trainer.is_global_zero:
         # a multirun runs its jobs in one process: without finish(), the next job's wandb.init
         # would hand back this run and every job would log into the first one
         logger.experiment.finish()
     ckpt = trainer.checkpoint_callback
-    monitor = (ckpt.monitor if ckpt else None) or "val/auc_slo"
-    best = ckpt.best_model_score if ckpt else None
-    score = float(best) if best is not None else float(trainer.callback_metrics.get(monitor, 0.0))
+    if trainer.fast_dev_run and ckpt is not None and ckpt.monitor in trainer.callback_metrics:
+        score = float(trainer.callback_metrics[ckpt.monitor])  # a smoke run: Lightning keeps no checkpoint
+        print(f"fast_dev_run: {ckpt.monitor} {score:.4f} (no checkpoint)")
+        return score
+    if ckpt is None or ckpt.best_model_score is None:
+        raise UserError("training ended without a validation (trainer.limit_val_batches=0?): no checkpoint was "
+                        "chosen; let it validate")
+    score = float(ckpt.best_model_score)
     if trainer.is_global_zero:
-        print(f"best {monitor} {score:.4f}; checkpoints in {Path(cfg.paths.output_dir) / 'checkpoints'}")
+        print(f"best {ckpt.monitor} {score:.4f}; checkpoints in {ckpt_dir}")
     return score
+
+
+def run_config(cfg: DictConfig) -> DictConfig:
+    """The resolved config without Hydra's own node: what serving this run needs to rebuild it."""
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return OmegaConf.create(OmegaConf.to_container(plain, resolve=True))
+
+
+def train(cfg: DictConfig) -> float:
+    check_writable(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    target = hydra.utils.get_class(cfg.controller._target_)
+    backbone = hydra.utils.instantiate(cfg.model)
+    data = build_data(cfg, backbone)
+    if issubclass(target, L.LightningModule):
+        budgets = hydra.utils.instantiate(cfg.budget)
+        return train_module(cfg, hydra.utils.instantiate(training_node(cfg.controller), backbone=backbone,
+                                                         budgets=budgets, _convert_="all"), data)
+    if hasattr(target, "fit"):
+        return train_lookup(cfg, hydra.utils.instantiate(cfg.controller), data)
+    raise UserError(f"controller {cfg.controller_name} is not trained (it neither is a LightningModule nor has "
+                    "fit); choose controller=grpo or controller=lookup")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 @cli
 def main(cfg: DictConfig) -> float:
-    L.seed_everything(cfg.seed, workers=True)
-    kind = cfg.controller._target_.rsplit(".", 1)[-1]
-    if kind == "LookupController":
-        return train_lookup(cfg)
-    if kind == "GRPOController":
-        return train_grpo(cfg)
-    raise UserError(f"controller {kind} is not trained; choose controller=grpo or controller=lookup")
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ def test_full_configuration_is_default(tmp_path):
     (["eval.budgets_ms=[nan]"], "must be a positive"),
     (["eval.budgets_ms=[-5]"], "must be a positive"),
     (["eval.budgets_ms=[fast]"], "is not a number"),
-    (["controller=grpo", "ckpt=x.ckpt", "controller.question_cache=-1"], "controller.question_cache=-1"),
+    (["controller=grpo", "ckpt=x.ckpt", "controller.serving.question_cache=-1"], "question_cache=-1"),
+    (["eval.budgets_ms=[]"], "eval.budgets_ms is empty"),
+    (["eval.num_budgets=0"], "eval.num_budgets=0"),
+    (["calibration.target=2"], "calibration.target"),
 ])
 def test_bad_input_one_line_error(tmp_path, overrides, message):
     (tmp_path / "eval_summary.json").write_text('{"keep": true}')

@@ -34,7 +34,8 @@ def synthetic_profile(n_samples=20, seed=0, dataset="easy_vqa"):
                          "vision_tokens": vis, "text_tokens": text, "output_tokens": out, "prediction": "x",
                          "accuracy": float(rng.random() < p_ok), "T_vision_ms": 2.0 + vis * 0.05,
                          "T_prefill_ms": lat * 0.7, "T_decode_ms": lat * 0.3,
-                         "T_total_ms": 0.0, "latency_source": "measured", "backbone": "t", "device": "cpu"})
+                         "T_total_ms": 0.0, "latency_source": "measured", "backbone": "tiny_moe", "device": "cpu",
+                         "retimed": 0})
     df = pd.DataFrame(rows)
     df["T_total_ms"] = df["T_vision_ms"] + df["T_prefill_ms"] + df["T_decode_ms"]
     return df

@@ -12,8 +12,8 @@ from lvlm_ctrl.controllers.grpo import load_policy
 from lvlm_ctrl.data import build_dataset
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.knobs import Knobs
-from lvlm_ctrl.profiling import write_part
-from lvlm_ctrl.train import train_grpo, train_lookup
+from lvlm_ctrl.profiling import read_profile, write_part
+from lvlm_ctrl.train import train
 from tests.conftest import ROOT, error_line, run_cli
 from tests.test_lookup import synthetic_profile
 
@@ -44,19 +44,18 @@ def compose_train(tmp_path, *overrides):
 def test_grpo_fast_dev_run(tmp_path, profile_dir):
     cfg = compose_train(tmp_path, "controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}",
                         "logger=csv", "+trainer.fast_dev_run=true", "controller.group_size=4")
-    score = train_grpo(cfg)
-    assert 0.0 <= score <= 1.0
+    assert 0.0 < train(cfg) <= 1.0  # the validation's val/auc_slo: a run that never validated raises
 
 
 def test_grpo_trains_checkpoints_and_resumes(tmp_path, profile_dir):
     args = ["controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}", "logger=csv",
             "trainer.log_every_n_steps=1", "trainer.max_steps=6", "trainer.val_check_interval=3",
-            "controller.batch_size=8"]
+            "profile.batch_size=8"]
     cfg = compose_train(tmp_path, *args)
-    train_grpo(cfg)
+    train(cfg)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert last.exists() and (tmp_path / "checkpoints" / "best.ckpt").exists()
-    first = torch.load(last, weights_only=False)["global_step"]
+    first = torch.load(last, weights_only=True)["global_step"]
     assert first >= 3  # written at a validation
     policy, hp = load_policy(last)
     assert hp["group_size"] == cfg.controller.group_size and policy.space.num_layers == 16
@@ -64,9 +63,9 @@ def test_grpo_trains_checkpoints_and_resumes(tmp_path, profile_dir):
     latency = torch.tensor(hp["config_latency_ms"])
     assert latency.shape == (len(s.tiers), len(s.insertions), len(s.top_ks), s.max_block_options)
     assert latency.nan_to_num(1.0).gt(0).all() and latency.isnan().any()  # invalid (p, n) pairs are NaN
-    train_grpo(compose_train(tmp_path, *args[:-3], "trainer.max_steps=9", "trainer.val_check_interval=3",
-                             "controller.batch_size=8", "ckpt_path=last"))
-    assert torch.load(last, weights_only=False)["global_step"] > first  # resumed from last, went on
+    train(compose_train(tmp_path, *args[:-3], "trainer.max_steps=9", "trainer.val_check_interval=3",
+                             "profile.batch_size=8", "ckpt_path=last"))
+    assert torch.load(last, weights_only=True)["global_step"] > first  # resumed from last, went on
     header = ",".join(f.read_text().splitlines()[0] for f in (tmp_path / "csv").rglob("metrics.csv"))
     for key in ("train/reward_mean", "train/frac_zero_std_groups", "train/clip_ratio", "entropy/tier",
                 "reward/violation_sq_mean", "val/auc", "val/auc_in_budget", "val/auc_slo", "knobs/tier_mean_index"):
@@ -81,9 +80,9 @@ def test_budgeted_vqa_from_a_train_run(tmp_path, profile_dir, budget_token):
     from lvlm_ctrl.infer import BudgetedVQA
 
     cfg = compose_train(tmp_path, "controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}",
-                        "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "controller.batch_size=8",
+                        "logger=csv", "trainer.max_steps=2", "trainer.val_check_interval=2", "profile.batch_size=8",
                         f"controller.budget_token={budget_token}")
-    train_grpo(cfg)
+    train(cfg)
     assert (load_policy(tmp_path / "checkpoints" / "last.ckpt")[0].budget_token is not None) == budget_token
     (tmp_path / ".hydra").mkdir()
     with open_dict(cfg):
@@ -104,14 +103,33 @@ def test_budgeted_vqa_from_a_train_run(tmp_path, profile_dir, budget_token):
 
 
 def test_lookup_train_writes_table(tmp_path, profile_dir):
-    train_lookup(compose_train(tmp_path, "controller=lookup", f"profile.path={profile_dir}"))
+    train(compose_train(tmp_path, "controller=lookup", f"profile.path={profile_dir}"))
     table = json.loads((tmp_path / "lookup_table.json").read_text())
     assert len(table["tables"]["all"]) == 225 and table["options"]["latency_quantile"] == 0.95
 
 
-def test_train_without_profile_is_a_clear_error(tmp_path):
-    with pytest.raises(UserError, match="no profile records"):
-        train_lookup(compose_train(tmp_path, "controller=lookup", f"profile.path={tmp_path / 'none'}"))
+@pytest.mark.slow
+def test_training_prepares_a_missing_profile_once(tmp_path):
+    """No profile at profile.path: training prepares it (measured, latency model, batched answers,
+    bootstrap) in a directory named for the backbone, dataset, split and size; a second run reuses it."""
+    cfg = compose_train(tmp_path / "run1", "controller=lookup", "data.limit=5", "profile.measured=3",
+                        f"profile.path={tmp_path / 'profiles' / 'p'}")
+    train(cfg)
+    work = tmp_path / "profiles" / "p"
+    assert {p.name for p in work.iterdir()} >= {"measured-3", "latency_model.json", "answers-5", "profile.parquet"}
+    profile = read_profile(work / "profile.parquet")
+    assert len(profile) == 5 * 225 and profile["sample_id"].nunique() == 5
+    measured = read_profile(work / "measured-3")
+    assert len(measured) == 3 * 225 and (measured["latency_source"] == "measured").all()
+    stamp = (work / "profile.parquet").stat().st_mtime_ns
+    train(compose_train(tmp_path / "run2", "controller=lookup", "data.limit=5", "profile.measured=3",
+                        f"profile.path={work}"))
+    assert (work / "profile.parquet").stat().st_mtime_ns == stamp  # reused, not prepared again
+    assert json.loads((tmp_path / "run2" / "lookup_table.json").read_text())["tables"]["all"]
+    with open_dict(cfg):
+        cfg.model.name = "another_backbone"
+    with pytest.raises(UserError, match="another_backbone"):
+        train(cfg)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -120,7 +138,7 @@ def test_train_without_profile_is_a_clear_error(tmp_path):
     (["image=IMG", "question=what?", "budget_ms=nan"], "positive, finite"),
     (["image=IMG", "question=what?", "budget_ms=-1"], "positive, finite"),
     (["image=IMG", "question=what?", "budget_ms=soon"], "not a number"),
-    (["image=IMG", "question=what?", "budget_ms=50", "ckpt=/no/ckpt"], "checkpoint not found"),
+    (["image=IMG", "question=what?", "budget_ms=50", "ckpt=/no/ckpt"], "no checkpoint file at /no/ckpt"),
     (["image=BAD", "question=what?", "budget_ms=50"], "unreadable image"),
 ])
 def test_infer_bad_input(tmp_path, overrides, message):
@@ -138,9 +156,9 @@ def test_infer_bad_input(tmp_path, overrides, message):
 def test_grpo_writes_a_wandb_offline_run(tmp_path, profile_dir):
     """The default logger: a real W&B run, offline, in the run directory, with the validation curve."""
     cfg = compose_train(tmp_path, "controller=grpo", f"profile.path={profile_dir}", f"data.limit={N}",
-                        "trainer.max_steps=2", "trainer.val_check_interval=2", "controller.batch_size=8")
+                        "trainer.max_steps=2", "trainer.val_check_interval=2", "profile.batch_size=8")
     assert cfg.logger.offline is True
-    train_grpo(cfg)
+    train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/val/accuracy_vs_budget*.table.json"))

@@ -128,7 +128,7 @@ class Backbone:
         with blocks as cap:
             cache = DynamicCache() if use_cache else None
             logits = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=self.positions(attn),
-                                past_key_values=cache, use_cache=use_cache, logits_to_keep=1).logits
+                                cache=cache, use_cache=use_cache, logits_to_keep=1).logits
             t2 = self._now()
             for step in range(max_new):
                 nxt = logits[:, -1].argmax(-1)
@@ -141,7 +141,7 @@ class Backbone:
                 pos = self.positions(attn)
                 if use_cache:
                     logits = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, -1:],
-                                        past_key_values=cache, use_cache=True).logits
+                                        cache=cache, use_cache=True).logits
                 else:
                     embeds = torch.cat([embeds, self.model.get_input_embeddings()(nxt[:, None])], dim=1)
                     logits = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos,

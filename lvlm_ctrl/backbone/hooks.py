@@ -139,7 +139,7 @@ class KnobHooks:
         try:
             with self.run_blocks(list(range(last))):
                 self.decoder(inputs_embeds=query, attention_mask=attn, position_ids=position,
-                             past_key_values=cache, use_cache=True)
+                             cache=cache, use_cache=True)
         finally:
             for h in handles:
                 h.remove()

@@ -6,58 +6,67 @@ on the latency token, and picks (top_k, num_blocks). Decisions are the argmax (a
 The controller's own time (both stages) is reported as its overhead. Stage 1's question feature
 (tokenizer, embeddings, first matmul) depends on the question string alone and is cached per string
 (`question_cache` entries; 0 = off): VQA traffic repeats its questions, and each miss costs ~0.1 ms
-of cold-cache tokenizing right after the previous request's forward pass.
+of cold-cache tokenizing right after the previous request's forward pass. With a calibration
+(calibration.py, on by default in evaluate and infer) the policy decides for the budget as the
+profile's machine would see it, so budgets hold when this machine runs slower or faster.
 """
 
 from __future__ import annotations
 
-import math
+import pickle
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lvlm_ctrl.calibration import LatencyCalibration
 from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.policy import TwoStagePolicy
-from lvlm_ctrl.knobs import Knobs, KnobSpace
+from lvlm_ctrl.knobs import Knobs
 
 
 def load_policy(ckpt: str | Path) -> tuple[TwoStagePolicy, dict]:
+    """A trained policy and what serving needs of its run (feasible_ms, config_latency_ms, d_model).
+
+    The checkpoint loads with torch.load(weights_only=True) through the standard Lightning API: a
+    checkpoint that carries anything but tensors and plain values is refused, never run."""
+    from lvlm_ctrl.grpo.module import GRPOModule
+
     path = Path(str(ckpt))
-    if not path.exists():
-        raise UserError(f"checkpoint not found at {path}: train one with python -m lvlm_ctrl.train controller=grpo "
-                        "(it writes <run>/checkpoints/last.ckpt)")
+    if not path.is_file():
+        raise UserError(f"no checkpoint file at {path}: pass ckpt=<run>/checkpoints/best.ckpt, written by "
+                        "python -m lvlm_ctrl.train controller=grpo")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        hp = ckpt["hyper_parameters"]
-        if "blocks_per_top_k" not in hp and "space" in hp:
-            raise UserError(f"{path} was trained by an older lvlm_ctrl whose num_blocks head ignores top_k: retrain "
-                            "it with python -m lvlm_ctrl.train controller=grpo")
-        space = KnobSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in hp["space"].items()})
-        policy = TwoStagePolicy(space, d_model=hp["d_model"], budget_dim=hp["budget_dim"], hidden=hp["hidden"],
-                                budget_token=hp.get("budget_token", False))
-        state = {k[len("policy."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
-        policy.load_state_dict(state)
-    except (KeyError, RuntimeError, EOFError, TypeError) as err:
-        raise UserError(f"{path} is not a GRPO controller checkpoint ({err.__class__.__name__}: {err}); "
-                        "pass a checkpoint written by python -m lvlm_ctrl.train controller=grpo") from None
-    return policy.eval(), hp
+        module = GRPOModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = ("it holds objects beyond tensors and plain values, which could run code on load"
+                  if "Weights only load failed" in str(err) else "it is not a PyTorch checkpoint")
+        raise UserError(f"refusing to load {path}: {reason}; pass a checkpoint written by "
+                        "python -m lvlm_ctrl.train controller=grpo") from None
+    except TypeError as err:
+        raise UserError(f"{path} was written by an older lvlm_ctrl ({str(err).splitlines()[0]}); retrain it with "
+                        "python -m lvlm_ctrl.train controller=grpo") from None
+    except (KeyError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as err:
+        first = str(err).splitlines()[0] if str(err) else err.__class__.__name__
+        raise UserError(f"{path} is not a GRPO controller checkpoint ({first}); pass a checkpoint written by "
+                        "python -m lvlm_ctrl.train controller=grpo") from None
+    if not module.serving:
+        raise UserError(f"{path} holds no serving information (feasible range, profiled latency): it was written "
+                        "by an older lvlm_ctrl; retrain it with python -m lvlm_ctrl.train controller=grpo")
+    return module.policy.eval(), {**module.hparams, **module.serving}
 
 
 class GRPOController:
     name = "grpo"
 
-    def __init__(self, ckpt: str | None = None, question_cache: int = 4096, speed_tracking: float = 0.0,
-                 **_train_options):
+    def __init__(self, ckpt: str | None = None, question_cache: int = 4096):
         if isinstance(question_cache, bool) or not isinstance(question_cache, int) or question_cache < 0:
-            raise UserError(f"controller.question_cache={question_cache!r}: give a number of entries >= 0 (0 = off)")
-        if isinstance(speed_tracking, bool) or not isinstance(speed_tracking, (int, float)) or not 0 <= speed_tracking < 1:
-            raise UserError(f"controller.speed_tracking={speed_tracking!r}: give an EWMA weight in [0, 1) (0 = off)")
-        self.ckpt, self.question_cache, self.speed_tracking = ckpt, question_cache, speed_tracking
-        self.log_speed = 0.0  # log(measured / profiled latency), EWMA over the requests served
-        self.expected: np.ndarray | None = None  # the profile's latency per configuration (bind)
+            raise UserError(f"controller.serving.question_cache={question_cache!r}: give a number of entries >= 0 "
+                            "(0 = off)")
+        self.ckpt, self.question_cache = ckpt, question_cache
+        self.calibration: LatencyCalibration | None = None  # evaluate / infer set it (calibration.py)
         self.policy: TwoStagePolicy | None = None
         self.questions: dict[str, np.ndarray] = {}  # stage 1's first layer on the question, per question
         self.queries: dict[float, torch.Tensor] = {}  # the budget token's embedding per budget
@@ -73,20 +82,21 @@ class GRPOController:
         self.questions.clear()  # another checkpoint's features
         self.queries.clear()
         self.embeddings = embedding_view(backbone)
-        self.expected = None
-        if self.speed_tracking:
-            if "config_latency_ms" not in self.hparams:
-                raise UserError(f"controller.speed_tracking needs a checkpoint that stores its profile's latency per "
-                                f"configuration; {self.ckpt} does not: retrain it, or pass controller.speed_tracking=0")
-            self.expected = np.array(self.hparams["config_latency_ms"], dtype=np.float64)
-        self.log_speed = 0.0
+        self.expected = np.array(self.hparams["config_latency_ms"], dtype=np.float64)
         return self
 
-    @property
-    def speed(self) -> float:
-        """How much slower (> 1) or faster this machine runs now than when the profile was measured,
-        in 2% steps (so the kernel's per-budget cache sees few distinct budgets)."""
-        return round(math.exp(self.log_speed) * 50) / 50
+    def profiled_latency(self, knobs: Knobs) -> float:
+        """The training profile's median latency of a configuration (what calibration compares with)."""
+        s = self.policy.space
+        return float(self.expected[s.tiers.index(knobs.tier), s.insertions.index(knobs.insertion),
+                                   s.top_ks.index(knobs.top_k), knobs.num_blocks - s.num_blocks_options(
+                                       knobs.insertion)[0]])
+
+    def profiled_configurations(self) -> list[tuple[Knobs, float]]:
+        return [(k, self.profiled_latency(k)) for k in self.policy.space.configurations()]
+
+    def profiled_range(self) -> tuple[float, float]:
+        return tuple(float(x) for x in (np.nanmin(self.expected), np.nanmax(self.expected)))
 
     def default_budgets(self, n: int) -> list[float]:
         lo, hi = self.hparams["feasible_ms"]
@@ -97,8 +107,9 @@ class GRPOController:
         """Answer one request; returns (Generation with the chosen knobs, controller overhead in ms)."""
         t0 = time.perf_counter()
         budget_ms = float(budget_ms)
-        if self.expected is not None:  # decide for the budget as the profile's machine would see it
-            budget_ms /= self.speed
+        if self.calibration is not None:  # decide for the budget as the profile's machine would see it
+            budget_ms = self.calibration.profiled_budget(budget_ms)
+            budget_ms = round(budget_ms, 1)  # few distinct budgets for the kernel's per-budget cache
         lang = self.questions.get(question)
         if lang is None:
             lang = remember(self.questions, question, self.question_cache,
@@ -115,26 +126,20 @@ class GRPOController:
                     torch.tensor([budget_ms])).to(backbone.device, backbone.model.dtype))
         stage1_ms = (time.perf_counter() - t0) * 1e3
 
-        picked = []
-
         def stage2(token):
             k, n = self.kernel.stage2(as_numpy(token)[0], budget_ms, tier_i, ins_i, len(options))
-            picked.extend((k, n))
             return space.top_ks[k], options[n]
 
         knobs = Knobs(space.tiers[tier_i], p, max(space.top_ks), space.num_layers)
         gen = backbone.generate([image], [question], knobs, decide=stage2, query=query)
-        if self.expected is not None:
-            self.track_speed(gen.total_ms, self.expected[(tier_i, ins_i, *picked)])
+        self.decided_for = budget_ms
         return gen, stage1_ms + gen.stage2_ms
 
-    def track_speed(self, measured_ms: float, profiled_ms: float) -> None:
-        """The machine's speed drifts (20-30% over minutes on the 2-core CI machine): a profile
-        measured in a fast spell makes every budget near a configuration's latency late in a slow
-        one. An EWMA of log(measured / profiled) over the served requests tracks the drift."""
-        if measured_ms > 0 and profiled_ms > 0:
-            ratio = min(max(math.log(measured_ms / profiled_ms), -0.7), 0.7)  # one odd request moves it little
-            self.log_speed += self.speed_tracking * (ratio - self.log_speed)
+    def observe(self, knobs: Knobs, latency_ms: float, budget_ms: float) -> None:
+        """Calibration's feedback after a served request (evaluate.serve calls it)."""
+        if self.calibration is not None:
+            profiled = self.profiled_latency(knobs)
+            self.calibration.observe(profiled, latency_ms, budget_ms, predicted_to_fit=profiled <= self.decided_for)
 
 
 def remember(cache: dict, key, limit: int, value):

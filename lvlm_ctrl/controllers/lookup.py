@@ -26,7 +26,7 @@ import pandas as pd
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_json
 from lvlm_ctrl.knobs import Knobs
-from lvlm_ctrl.profiling import KNOB_COLUMNS
+from lvlm_ctrl.profiling import KNOB_COLUMNS, robust_quantile
 
 AGGREGATIONS = ("mean", "median", "max_accuracy")
 ALL = "all"
@@ -52,12 +52,13 @@ def aggregate(key: tuple, group: pd.DataFrame, aggregation: str, latency_quantil
     else:
         accuracy = float(acc.mean())
         latency = float(np.median(lat) if aggregation == "median" else lat.mean())
+    median = float(np.median(lat))
     if latency_quantile is not None:
-        latency = float(np.quantile(lat, latency_quantile))
+        latency = robust_quantile(lat, latency_quantile)
     tier, p, k, n = key
     return {"tier": tier, "insertion": int(p), "top_k": int(k), "num_active_blocks": int(n), "accuracy": accuracy,
             "latency": latency, "num_samples": len(group), "accuracy_std": float(acc.std()),
-            "latency_std": float(lat.std())}
+            "latency_std": float(lat.std()), "latency_median": median}
 
 
 class LookupTable:
@@ -207,6 +208,7 @@ class LookupController:
     def __init__(self, table: str | None = None, dataset: str | None = None, build: dict | None = None):
         self.table_path, self.dataset, self.build_options = table, dataset, dict(build or {})
         self.table: LookupTable | None = None
+        self.calibration = None  # evaluate / infer set it (calibration.py)
 
     def fit(self, profile_df: pd.DataFrame) -> LookupTable:
         self.table = LookupTable.build(profile_df, **self.build_options)
@@ -219,15 +221,35 @@ class LookupController:
             self.table = LookupTable.load(self.table_path, backbone.space)
         else:
             self.table.validate(backbone.space)
+        order, _, _ = self.table._table(self.dataset)
+        # the profile's median per configuration: what calibration compares measured requests with
+        self.medians = {(e["tier"], e["insertion"], e["top_k"], e["num_active_blocks"]):
+                        e.get("latency_median", e["latency"]) for e in order}
         return self
 
     def default_budgets(self, n: int) -> list[float]:
         lo, hi = self.table.feasible_range(self.dataset)
         return [float(b) for b in np.linspace(lo, hi, n)]
 
+    def profiled_latency(self, knobs: Knobs) -> float:
+        return float(self.medians.get((knobs.tier, knobs.insertion, knobs.top_k, knobs.num_blocks), math.nan))
+
+    def profiled_configurations(self) -> list[tuple[Knobs, float]]:
+        return [(Knobs(*key), m) for key, m in self.medians.items()]
+
+    def profiled_range(self) -> tuple[float, float]:
+        return min(self.medians.values()), max(self.medians.values())
+
     def decide(self, sample, budget_ms) -> Knobs:
-        c = self.table.predict(budget_ms, dataset=self.dataset)
+        budget = self.calibration.profiled_budget(budget_ms) if self.calibration is not None else budget_ms
+        c = self.table.predict(budget, dataset=self.dataset)
+        self.fits = c["within_budget"]
         return Knobs(c["tier"], c["insertion"], c["top_k"], c["num_active_blocks"])
+
+    def observe(self, knobs: Knobs, latency_ms: float, budget_ms: float) -> None:
+        """Calibration's feedback after a served request (evaluate.serve calls it)."""
+        if self.calibration is not None:
+            self.calibration.observe(self.profiled_latency(knobs), latency_ms, budget_ms, predicted_to_fit=self.fits)
 
 
 @cli

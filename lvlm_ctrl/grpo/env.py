@@ -17,7 +17,8 @@ from transformers import DynamicCache
 
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.policy import Decision
-from lvlm_ctrl.knobs import KnobSpace
+from lvlm_ctrl.knobs import Knobs, KnobSpace
+from lvlm_ctrl.profiling import KNOB_COLUMNS, robust_quantile
 
 
 class ProfileEnv:
@@ -32,20 +33,23 @@ class ProfileEnv:
         self.accuracy = torch.full(shape, float("nan"))
         self.latency = torch.full(shape, float("nan"))
         lat = df["T_total_ms"].to_numpy(float) if latency_model is None else latency_model.predict_frame(df)
+        for tier, p, k, n in df[KNOB_COLUMNS].drop_duplicates().itertuples(index=False):
+            try:
+                space.validate(Knobs(str(tier), int(p), int(k), int(n)))
+            except UserError as err:  # another backbone's or knob space's records: never index them
+                raise UserError(f"profile holds a configuration outside this backbone's knob space ({err}); "
+                                "profile this backbone (python -m lvlm_ctrl.profile)") from None
         tiers = {t: i for i, t in enumerate(space.tiers)}
-        try:
-            ti = df["tier"].map(tiers).to_numpy()
-            pi = np.array([space.insertions.index(int(p)) for p in df["insertion"]])
-            ki = np.array([space.top_ks.index(int(k)) for k in df["top_k"]])
-        except ValueError as err:
-            raise UserError(f"profile holds knob values outside this backbone's space ({err})") from None
+        ti = df["tier"].map(tiers).to_numpy()
+        pi = np.array([space.insertions.index(int(p)) for p in df["insertion"]])
+        ki = np.array([space.top_ks.index(int(k)) for k in df["top_k"]])
         ni = df["num_blocks"].to_numpy(int) - (df["insertion"].to_numpy(int) + space.min_kept_after)
         si = df["sample_id"].astype(str).map(index).to_numpy()
         self.accuracy[si, ti, pi, ki, ni] = torch.tensor(df["accuracy"].to_numpy(float), dtype=torch.float32)
         self.latency[si, ti, pi, ki, ni] = torch.tensor(lat, dtype=torch.float32)
         # the feasible range as the lookup table sees it: the fastest and the slowest configuration's
-        # 95th-percentile latency, so both controllers default to the same budgets
-        q95 = torch.nanquantile(self.latency.reshape(len(self.sample_ids), -1), 0.95, dim=0).numpy()
+        # 95th-percentile latency (rows a disturbance slowed left out), so both default to the same budgets
+        q95 = [robust_quantile(col, 0.95) for col in self.latency.reshape(len(self.sample_ids), -1).T.numpy()]
         self.feasible = (float(np.nanmin(q95)), float(np.nanmax(q95)))
         self.tier_cost = torch.arange(1, len(space.tiers) + 1, dtype=torch.float32) / len(space.tiers)
         self.use_for_slo(torch.arange(len(self.sample_ids)))
@@ -129,7 +133,7 @@ def prompt_states(backbone, samples, batch_size: int = 64) -> list[tuple[torch.T
             cache = DynamicCache()
             with hooks.run_blocks(list(range(last))):
                 backbone.model(inputs_embeds=backbone.embed(enc), attention_mask=attn,
-                               position_ids=backbone.positions(attn), past_key_values=cache, use_cache=True,
+                               position_ids=backbone.positions(attn), cache=cache, use_cache=True,
                                logits_to_keep=1)
             keys.append(torch.stack([cache.layers[i].keys for i in range(last)], dim=1).cpu())
             values.append(torch.stack([cache.layers[i].values for i in range(last)], dim=1).cpu())

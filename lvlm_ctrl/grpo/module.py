@@ -9,57 +9,98 @@ optimisation). Validation takes the argmax configuration at a grid of budgets.
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from torchmetrics import MeanMetric
 
-from lvlm_ctrl.grpo.env import budget_token_latency_tokens
+from lvlm_ctrl.grpo.env import budget_token_latency_tokens, language_features, latency_tokens, prompt_states
 from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
 from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy
 from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
+from lvlm_ctrl.knobs import KnobSpace
 
 
 class GRPOModule(L.LightningModule):
-    def __init__(self, policy: TwoStagePolicy, env, lang: torch.Tensor, tokens: torch.Tensor, budgets,
-                 reward: RewardConfig, group_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0,
-                 clip_eps: float = 0.2, kl_coef: float = 0.0, entropy_coef: float = 0.01, num_iterations: int = 1,
-                 scale_rewards: str = "group", stage2_warmup_steps: int = 0, val_budgets: list[float] | None = None,
-                 val_max_violation: float = 0.05, backbone=None, prompt_states=None):
-        """tokens: the precomputed latency tokens (S, tiers, P, d); with a budget-token policy, the
-        backbone and its prompt_states (grpo.env) instead, from which they are computed per budget."""
+    """Trained by `python -m lvlm_ctrl.train controller=grpo` with a ProfileDataModule (data/profiles.py),
+    whose environment and samples `setup` takes. A trained one restores with the standard API,
+    `GRPOModule.load_from_checkpoint(path, weights_only=True)` (controllers/grpo.py: load_policy):
+    its hyperparameters are plain types, so loading a checkpoint never runs code from it."""
+
+    def __init__(self, backbone=None, budgets=None, *, space: dict | None = None, d_model: int | None = None,
+                 group_size: int = 16, lr: float = 3e-4, weight_decay: float = 0.0, clip_eps: float = 0.2,
+                 kl_coef: float = 0.0, entropy_coef: float = 0.05, num_iterations: int = 1,
+                 scale_rewards: str = "none", stage2_warmup_steps: int = 0, hidden: int = 256, budget_dim: int = 256,
+                 budget_token: bool = False, val_num_budgets: int = 10, val_max_violation: float = 0.05,
+                 reward: dict | None = None):
+        """backbone and budgets: for training (a Budgets of grpo/budgets.py); without them (serving, or
+        load_from_checkpoint) the policy is built from `space` and `d_model`."""
         super().__init__()
         self.automatic_optimization = False
-        self.policy = policy
-        self.ref_policy = copy.deepcopy(policy).requires_grad_(False) if kl_coef else None
-        self.env, self.budgets, self.reward = env, budgets, reward
-        self.register_buffer("lang", lang, persistent=False)
-        self.register_buffer("tokens", tokens, persistent=False)
-        self.backbone, self.prompt_states = backbone, prompt_states  # not submodules: frozen, never saved
-        if policy.budget_token is not None and (backbone is None or prompt_states is None):
-            raise ValueError("a budget-token policy needs the backbone and its prompt_states")
+        if backbone is not None:
+            space = asdict(backbone.space)
+            d_model = backbone.model.get_input_embeddings().embedding_dim
+        if space is None or d_model is None:
+            raise ValueError("GRPOModule needs a backbone, or the knob space and d_model of the one it was trained on")
+        space = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in dict(space).items()}
+        reward = dict(reward or {})
+        self.save_hyperparameters({
+            "space": space, "d_model": int(d_model), "group_size": group_size, "lr": lr, "weight_decay": weight_decay,
+            "clip_eps": clip_eps, "kl_coef": kl_coef, "entropy_coef": entropy_coef, "num_iterations": num_iterations,
+            "scale_rewards": scale_rewards, "stage2_warmup_steps": stage2_warmup_steps, "hidden": hidden,
+            "budget_dim": budget_dim, "budget_token": bool(budget_token), "val_num_budgets": val_num_budgets,
+            "val_max_violation": val_max_violation, "reward": reward})
+        knob_space = KnobSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
+        self.policy = TwoStagePolicy(knob_space, d_model=int(d_model), budget_dim=budget_dim, hidden=hidden,
+                                     budget_token=budget_token)
+        self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False) if kl_coef else None
+        self.backbone, self.budgets = backbone, budgets  # not submodules: frozen or stateless, never saved
+        self.reward = RewardConfig(**reward)
         self.group_size, self.lr, self.weight_decay = group_size, lr, weight_decay
         self.clip_eps, self.kl_coef, self.entropy_coef = clip_eps, kl_coef, entropy_coef
         self.num_iterations, self.scale_rewards = num_iterations, scale_rewards
         self.stage2_warmup_steps = stage2_warmup_steps
-        self.val_budgets = list(val_budgets or [])
         self.val_max_violation = val_max_violation
-        self.val_acc = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
-        self.val_violation = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
-        self.val_ratio = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
-        self.val_in_budget = torch.nn.ModuleList(MeanMetric() for _ in self.val_budgets)
-        self.save_hyperparameters({"group_size": group_size, "lr": lr, "clip_eps": clip_eps, "kl_coef": kl_coef,
-                                   "entropy_coef": entropy_coef, "num_iterations": num_iterations,
-                                   "scale_rewards": scale_rewards, "reward": vars(reward),
-                                   "feasible_ms": list(env.feasible), "space": vars(policy.space),
-                                   # per configuration (tiers, P, K, N; NaN: invalid): what serving's
-                                   # speed tracking compares a request's measured latency with
-                                   "config_latency_ms": env.latency.nanmedian(0).values.tolist(),
-                                   "d_model": policy.stage1[0].in_features - policy.budget.dim,
-                                   "budget_dim": policy.budget.dim, "hidden": policy.stage1[0].out_features,
-                                   "budget_token": policy.budget_token is not None,
-                                   "blocks_per_top_k": True})
+        self.val_budgets: list[float] = []
+        self.val_acc = torch.nn.ModuleList(MeanMetric() for _ in range(val_num_budgets))
+        self.val_violation = torch.nn.ModuleList(MeanMetric() for _ in range(val_num_budgets))
+        self.val_ratio = torch.nn.ModuleList(MeanMetric() for _ in range(val_num_budgets))
+        self.val_in_budget = torch.nn.ModuleList(MeanMetric() for _ in range(val_num_budgets))
+        self.env, self.prompt_states = None, None
+        # what serving needs beside the policy: the feasible range (default budgets) and the profile's
+        # median latency per configuration (tiers, P, K, N; NaN where invalid), which latency
+        # calibration compares measured requests with; saved in the checkpoint as plain lists
+        self.serving: dict = {}
+
+    def setup(self, stage: str) -> None:
+        """The environment and the controller's inputs, from the trainer's ProfileDataModule."""
+        if self.env is not None:
+            return
+        if self.backbone is None or self.budgets is None:
+            raise ValueError("training needs GRPOModule(backbone, budgets, ...)")
+        data = self.trainer.datamodule
+        self.env = data.env
+        self.budgets.bind(self.env.feasible)
+        self.val_budgets = torch.linspace(*self.env.feasible, len(self.val_acc)).tolist()
+        self.serving = {"feasible_ms": list(self.env.feasible),
+                        "config_latency_ms": self.env.latency.nanmedian(0).values.tolist()}
+        questions = [s.question for s in data.samples]
+        # clone: tensors made under inference_mode cannot be module buffers that DDP broadcasts
+        self.register_buffer("lang", language_features(self.backbone, questions).clone(), persistent=False)
+        if self.policy.budget_token is not None:  # the latency token depends on the budget: keep prompt states
+            self.prompt_states = [tuple(t.clone() for t in tier) for tier in prompt_states(self.backbone, data.samples)]
+            tokens = torch.empty(0)
+        else:
+            tokens = latency_tokens(self.backbone, data.samples).clone()
+        self.register_buffer("tokens", tokens, persistent=False)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["serving"] = self.serving
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.serving = checkpoint.get("serving", {})
 
     def on_fit_start(self):
         if self.backbone is not None:

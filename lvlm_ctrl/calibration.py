@@ -1,0 +1,120 @@
+"""Budgets that hold when the machine runs slower or faster than when it was profiled.
+
+Controllers decide from profiled latency (the lookup table's, the GRPO controller's training
+profile). Serving compares each request's measured latency with the profile's median for its
+configuration and keeps, online:
+
+  1. a calibration line, measured = a + b * profiled, fitted by exponentially weighted least squares
+     (half-life `halflife` requests). Two parameters, not one factor for every configuration: a
+     slowdown that adds a fixed cost to every request hits the cheap configurations hardest (the
+     last single-factor attempt was too cautious at high budgets);
+  2. a margin m >= 1, moved by feedback on lateness as adaptive conformal inference does: after a
+     late request log m rises by step * (1 - target), after one in time it falls by step * target,
+     so the long-run late fraction settles at `target` whatever the line misses (a noisier machine
+     has a longer tail). Requests for which nothing was predicted to fit do not move it.
+
+A budget B on this machine is the budget (B / m - a) / b in the profile's terms, which is what the
+controller then decides for. Before serving, `warm_up` times a few configurations spread over the
+profiled latency range, so the line starts from this machine's state instead of the profile's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class LatencyCalibration:
+    enabled: bool = True
+    halflife: float = 200.0     # requests
+    target: float = 0.05        # the late fraction the margin steers to
+    step: float = 0.05          # the margin's feedback gain (log scale)
+    max_margin: float = 1.5
+    warmup: int = 6             # configurations timed by warm_up (0 = none)
+    prior: float = 4.0          # weight of the identity line (measured = profiled) before any request
+
+    def __post_init__(self):
+        for name in ("halflife", "step", "max_margin", "prior"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ValueError(f"calibration.{name} must be a number >= 0, got {value!r}")
+        if not 0 < self.target < 1:
+            raise ValueError(f"calibration.target must be a fraction in (0, 1), got {self.target!r}")
+        self.forget = 0.5 ** (1.0 / max(self.halflife, 1.0))
+        self.stats = np.zeros(5)  # weighted sums of 1, x, y, x^2, xy
+        self.log_margin = 0.0
+        self.seen = 0
+
+    def reset(self, profiled_range: tuple[float, float]) -> None:
+        """Start from the identity line over the profile's latency range."""
+        self.stats[:] = 0.0
+        self.log_margin, self.seen = 0.0, 0
+        for x in profiled_range:
+            self._add(x, x, self.prior / 2)
+
+    def _add(self, x: float, y: float, w: float = 1.0) -> None:
+        self.stats *= self.forget
+        self.stats += w * np.array([1.0, x, y, x * x, x * y])
+
+    @property
+    def line(self) -> tuple[float, float]:
+        """(a, b): measured = a + b * profiled."""
+        n, sx, sy, sxx, sxy = self.stats
+        if n <= 0:
+            return 0.0, 1.0
+        var = sxx - sx * sx / n
+        # the slope is kept near 1 while the served latencies barely spread (one configuration served
+        # for a while): the ridge is a profile's worth of 1 ms^2 of spread
+        ridge = 1e-2 * n
+        b = (sxy - sx * sy / n + ridge) / (var + ridge)
+        b = min(max(b, 0.3), 5.0)
+        return (sy - b * sx) / n, b
+
+    @property
+    def margin(self) -> float:
+        return math.exp(self.log_margin)
+
+    def predict(self, profiled_ms: float) -> float:
+        a, b = self.line
+        return a + b * profiled_ms
+
+    def profiled_budget(self, budget_ms: float) -> float:
+        """The budget as the profile's machine would see it (what the controller decides for)."""
+        if not self.enabled:
+            return budget_ms
+        a, b = self.line
+        return max((budget_ms / self.margin - a) / b, 1e-3)
+
+    def observe(self, profiled_ms: float, measured_ms: float, budget_ms: float | None = None,
+                predicted_to_fit: bool = True) -> None:
+        """One served request: its configuration's profiled median and its measured latency."""
+        if not self.enabled or not (profiled_ms > 0 and measured_ms > 0) or not math.isfinite(profiled_ms):
+            return
+        pred = self.predict(profiled_ms)
+        # one request stalled by something else moves the line little
+        self._add(profiled_ms, min(max(measured_ms, 0.67 * pred), 1.5 * pred))
+        self.seen += 1
+        if budget_ms is not None and predicted_to_fit:
+            late = float(measured_ms > budget_ms)
+            self.log_margin = min(max(self.log_margin + self.step * (late - self.target), 0.0),
+                                  math.log(self.max_margin))
+
+    def warm_up(self, run, configurations: list[tuple[object, float]]) -> None:
+        """run(knobs) -> measured ms; configurations: (knobs, profiled median) pairs. Times `warmup` of
+        them, spread evenly over their profiled latency, twice each (the first run of a configuration
+        can pay for lazy initialisation)."""
+        if not self.enabled or not self.warmup or not configurations:
+            return
+        ordered = sorted(configurations, key=lambda c: c[1])
+        picks = np.unique(np.linspace(0, len(ordered) - 1, self.warmup).round().astype(int))
+        for i in picks:
+            knobs, profiled = ordered[i]
+            run(knobs)
+            self.observe(profiled, run(knobs))
+
+    def state(self) -> dict:
+        a, b = self.line
+        return {"enabled": self.enabled, "a_ms": a, "b": b, "margin": self.margin, "requests": self.seen}

@@ -1,0 +1,156 @@
+"""The controllers' training data: an offline profile of a split, prepared when there is none.
+
+    python -m lvlm_ctrl.train controller=grpo budget=uniform      # prepares, then trains
+
+`prepare_data` (rank 0, as Lightning calls it) makes the profile at `path` if it is missing, in four
+steps, each cached and resumable in the profile's directory, which is named for the backbone, the
+dataset, the split and its size (so a second run, a sweep job or a DDP process reuses it):
+
+    measured-M/          M of the questions at every configuration, latency timed at batch 1
+    latency_model.json   fitted on them (its held-out error inside)
+    answers-N/           all N questions at every configuration, answered in batches (latency predicted)
+    profile.parquet      the answers with the measured latencies (profile_bootstrap): the profile
+
+A measured profile costs about 15 minutes per 200 questions on 2 CPU cores, batched answers a tenth
+of that: the bootstrap gives the controller many questions with this machine's latency tails.
+`setup` reads the profile into the training environment (grpo/env.py) and splits its samples by id
+into training and validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lvlm_ctrl.errors import UserError
+from lvlm_ctrl.io import atomic_write_bytes, exclusive
+from lvlm_ctrl.profiling import SCHEMA, part_files, read_profile
+
+PREPARE_LOCK = ".prepare.lock"  # also marks a directory prepare_data works in (its steps' parts are not the profile)
+
+
+class ProfileDataModule(L.LightningDataModule):
+    def __init__(self, backbone, dataset, path: str, measured: int = 150, answer_batch_size: int = 64,
+                 batch_size: int = 32, val_fraction: float = 0.2, warmup: int = 3, seed: int = 0,
+                 latency_model: str | None = None):
+        """latency_model: a fitted latency model's path: the environment's latencies are its predictions
+        (latency=predicted) instead of the measured ones."""
+        super().__init__()
+        if int(measured) <= 0:
+            raise UserError(f"profile.measured must be a positive number of questions, got {measured}")
+        self.backbone, self.dataset, self.path = backbone, dataset, Path(str(path))
+        self.measured, self.answer_batch_size, self.warmup = int(measured), int(answer_batch_size), int(warmup)
+        self.batch_size, self.val_fraction, self.seed = int(batch_size), float(val_fraction), seed
+        self.latency_model = latency_model
+
+    # ---- the profile ---------------------------------------------------------------------
+    @property
+    def source(self) -> Path:
+        """Where the profile is read from: `path` when it is a Parquet file or a directory of parts (as
+        the profile CLI writes), else the profile.parquet that prepare_data writes into `path`."""
+        if self.path.suffix == ".parquet":
+            return self.path
+        prepared = self.path / "profile.parquet"
+        if prepared.exists() or (self.path / PREPARE_LOCK).exists() or not part_files(self.path):
+            return prepared
+        return self.path
+
+    def prepare_data(self) -> None:
+        if part_files(self.source):
+            return
+        out = self.source
+        work = out.parent
+        with exclusive(work / PREPARE_LOCK, f"preparing the profile {out}"):
+            if part_files(out):  # another process prepared it while this one waited
+                return
+            self._prepare(work, out)
+
+    def _prepare(self, work: Path, out: Path) -> None:
+        from lvlm_ctrl.backbone import set_experts_implementation
+        from lvlm_ctrl.latency_model import LatencyModel, fit_and_report
+        from lvlm_ctrl.profile import profile_split
+        from lvlm_ctrl.profile_bootstrap import bootstrap
+
+        ds, n = self.dataset, len(self.dataset)
+        m = min(self.measured, n)
+        print(f"no profile at {out}: preparing it from {n} {ds.name} {ds.split} questions ({m} timed at batch 1, "
+              f"the rest answered in batches); each step is kept under {work}", flush=True)
+        measured_dir = work / f"measured-{m}"
+        profile_split(self.backbone, _Subset(ds, m), measured_dir, "measured", warmup=self.warmup,
+                      desc=f"1/4 measured profile, {m} questions")
+        model_path = work / "latency_model.json"
+        if not model_path.exists():
+            model, err = fit_and_report(read_profile(measured_dir), 0.2, required=False)
+            model.meta["profile"] = str(measured_dir)
+            model.save(model_path)
+            mape = "too few questions to hold some out" if err is None else f"held-out MAPE {err * 100:.1f}%"
+            print(f"2/4 latency model ({mape}); wrote {model_path}", flush=True)
+        answers_dir = work / f"answers-{n}"
+        text_config = self.backbone.model.config.get_text_config()
+        serving_kernel = getattr(text_config, "_experts_implementation", None)
+        set_experts_implementation(self.backbone.model, "grouped_mm")  # same answers, twice as fast in batches
+        try:
+            profile_split(self.backbone, ds, answers_dir, "predicted", LatencyModel.load(model_path),
+                          batch_size=self.answer_batch_size, warmup=0, desc=f"3/4 answers, {n} questions")
+        finally:
+            text_config._experts_implementation = serving_kernel
+        df = bootstrap(read_profile(answers_dir), read_profile(measured_dir), self.seed)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), sink)
+        atomic_write_bytes(out, sink.getvalue().to_pybytes())
+        print(f"4/4 profile: {len(df)} records of {df['sample_id'].nunique()} questions; wrote {out}", flush=True)
+
+    # ---- training data ---------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if getattr(self, "env", None) is not None:
+            return
+        from lvlm_ctrl.grpo.env import ProfileEnv
+        from lvlm_ctrl.latency_model import LatencyModel, held_out_mask
+
+        df = self.profile()
+        latency_model = LatencyModel.load(self.latency_model) if self.latency_model else None
+        self.env = ProfileEnv(df, self.backbone.space, latency_model)
+        by_id = {s.sample_id: s for s in self.dataset.samples}
+        missing = [i for i in self.env.sample_ids if i not in by_id]
+        if missing:
+            ds = self.dataset
+            raise UserError(f"{len(missing)} profiled samples (e.g. {missing[0]}) are not in data={ds.name} "
+                            f"split={ds.split} ({len(ds)} samples); pass the split and data.limit the profile was "
+                            "made on")
+        self.samples = [by_id[i] for i in self.env.sample_ids]
+        held = torch.tensor(held_out_mask(self.env.sample_ids, self.val_fraction))
+        self.train_idx, self.val_idx = torch.where(~held)[0], torch.where(held)[0]
+        if len(self.train_idx) == 0 or len(self.val_idx) == 0:
+            raise UserError(f"{len(self.samples)} profiled samples are too few to hold out a validation set; "
+                            "profile more (data.limit)")
+        self.env.use_for_slo(self.train_idx)
+
+    def profile(self):
+        """The profile's records (a DataFrame), prepared first if missing."""
+        self.prepare_data()
+        df = read_profile(self.source)
+        if set(df["backbone"]) != {self.backbone.name}:
+            raise UserError(f"the profile at {self.source} is of backbone {sorted(set(df['backbone']))}, not "
+                            f"{self.backbone.name!r}: pass a profile of this backbone or another profile.path")
+        return df
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.train_idx), batch_size=self.batch_size,
+                                           shuffle=True, drop_last=len(self.train_idx) > self.batch_size)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.val_idx), batch_size=len(self.val_idx))
+
+
+class _Subset:
+    """The first n samples of a dataset, under the dataset's name and split."""
+
+    def __init__(self, dataset, n: int):
+        self.name, self.split, self.samples = dataset.name, dataset.split, dataset.samples[:n]
+
+    def __len__(self) -> int:
+        return len(self.samples)
