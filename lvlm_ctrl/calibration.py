@@ -13,8 +13,8 @@ configuration and keeps, online:
      so the long-run late fraction settles at `target` whatever the line misses (a noisier machine
      has a longer tail). Requests for which nothing was predicted to fit do not move it.
 
-A budget B on this machine is the budget (B / m - a) / b in the profile's terms, which is what the
-controller then decides for. Before serving, `warm_up` times a few configurations spread over the
+A budget B on this machine is the budget (B / m - a) / b in the profile's terms, never more than B,
+which is what the controller then decides for. Before serving, `warm_up` times a few configurations spread over the
 profiled latency range, so the line starts from this machine's state instead of the profile's.
 """
 
@@ -86,7 +86,10 @@ class LatencyCalibration:
         if not self.enabled:
             return budget_ms
         a, b = self.line
-        return max((budget_ms / self.margin - a) / b, 1e-3)
+        # never looser than the budget itself: a machine faster than its profile in the median says
+        # nothing about the profile's tail, which the controllers' choices are made of (on a GPU
+        # whose profile ran slow, loosening made 47-57% of requests late at mid budgets)
+        return min(max((budget_ms / self.margin - a) / b, 1e-3), budget_ms)
 
     def observe(self, profiled_ms: float, measured_ms: float, budget_ms: float | None = None,
                 predicted_to_fit: bool = True) -> None:

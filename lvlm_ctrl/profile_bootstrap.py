@@ -13,6 +13,7 @@ profile like any other (train controller=lookup or grpo, profile_report).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lvlm_ctrl.errors import UserError, cli
-from lvlm_ctrl.io import atomic_write_bytes
+from lvlm_ctrl.io import atomic_write_bytes, check_writable
 from lvlm_ctrl.profiling import KNOB_COLUMNS, SCHEMA, read_profile, with_optional_columns
 
 LATENCY = ["T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_total_ms", "device", "retimed"]
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out", help="the profile to write (one Parquet file)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if Path(a.out).is_dir():
+        raise UserError(f"{a.out} is a directory: give the path of the Parquet file to write, e.g. {a.out}/profile.parquet")
+    check_writable(Path(a.out).parent)
     measured = read_profile(a.measured)
     df = bootstrap(read_profile(a.answers), measured, a.seed)
     sink = pa.BufferOutputStream()

@@ -32,8 +32,23 @@ def build_data(cfg: DictConfig, backbone):
     return hydra.utils.instantiate(cfg.profile, backbone=backbone, dataset=dataset, seed=cfg.seed)
 
 
+def check_checkpoint(path) -> None:
+    """A checkpoint to resume from loads (weights_only: nothing in it runs), or a one-line error."""
+    import torch
+
+    if not Path(str(path)).is_file():
+        raise UserError(f"no checkpoint to resume at {path}; pass hydra.run.dir=<the run> with ckpt_path=last")
+    try:
+        torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read it is the same answer for the user
+        first = (str(err).splitlines() or [err.__class__.__name__])[0]
+        raise UserError(f"cannot resume from {path} ({first[:160]}): it is truncated, not a checkpoint, or holds more "
+                        "than tensors and plain values; pass another ckpt_path") from None
+
+
 def train_lookup(cfg: DictConfig, controller, data) -> float:
     table = controller.fit(data.profile())
+    table.validate(data.backbone.space, data.source)
     out = table.save(Path(cfg.paths.output_dir) / "lookup_table.json")
     stats = table.get_statistics()
     print(f"lookup table: {stats['num_configurations']} configurations, latency "
@@ -51,8 +66,8 @@ def train_module(cfg: DictConfig, module: L.LightningModule, data) -> float:
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
         ckpt_path = str(ckpt_dir / "last.ckpt")
-    if ckpt_path and not Path(ckpt_path).is_file():
-        raise UserError(f"no checkpoint to resume at {ckpt_path}; pass hydra.run.dir=<the run> with ckpt_path=last")
+    if ckpt_path:
+        check_checkpoint(ckpt_path)
     if not ckpt_path and any(ckpt_dir.glob("*.ckpt")):
         raise UserError(f"{ckpt_dir} already holds checkpoints of another run: resume it with ckpt_path=last, or "
                         "train into a new directory (hydra.run.dir=...)")
@@ -96,10 +111,13 @@ def train(cfg: DictConfig) -> float:
     check_writable(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     target = hydra.utils.get_class(cfg.controller._target_)
+    trained = issubclass(target, L.LightningModule)
+    budgets = hydra.utils.instantiate(cfg.budget) if trained else None  # bad options fail before any work
+    if trained and cfg.ckpt_path not in (None, "last"):
+        check_checkpoint(cfg.ckpt_path)
     backbone = hydra.utils.instantiate(cfg.model)
     data = build_data(cfg, backbone)
-    if issubclass(target, L.LightningModule):
-        budgets = hydra.utils.instantiate(cfg.budget)
+    if trained:
         return train_module(cfg, hydra.utils.instantiate(training_node(cfg.controller), backbone=backbone,
                                                          budgets=budgets, _convert_="all"), data)
     if hasattr(target, "fit"):

@@ -95,10 +95,20 @@ def test_per_dataset_tables_save_load_and_update(tmp_path):
     assert all(e["num_samples"] == 20 for e in regrown.tables["all"])
 
 
-def test_lookup_query_is_logarithmic_in_entries():
-    table = LookupTable.build(synthetic_profile(n_samples=4))
-    order, lats, best = table._index["all"]
-    assert lats == sorted(lats) and len(best) == len(order)
+def test_bisection_query_equals_a_linear_scan():
+    """predict bisects a latency-sorted index with a prefix argmax: it must pick what scanning every
+    entry for the most accurate fitting one (ties to the faster) picks, at any budget."""
+    table = LookupTable.build(synthetic_profile(n_samples=4), latency_quantile=0.95)
+    entries = table.tables["all"]
+    rng = np.random.default_rng(1)
+    lo, hi = table.feasible_range()
+    for budget in rng.uniform(lo * 0.5, hi * 1.2, 300):
+        fits = [e for e in entries if e["latency"] <= budget]
+        want = (max(fits, key=lambda e: (e["accuracy"], -e["latency"])) if fits
+                else min(entries, key=lambda e: e["latency"]))
+        got = table.predict(float(budget))
+        assert (got["accuracy"], got["latency"]) == (want["accuracy"], want["latency"])
+        assert got["within_budget"] == bool(fits)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -54,8 +54,8 @@ def build_dataset(name: str, split: str = "test", limit: int | None = None, root
     loaders = {"easy_vqa": easy_vqa.load, "coco_2014_vqa": vqav2.load, "text_vqa": textvqa.load}
     if name not in loaders:
         raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(loaders)}")
-    if limit is not None and int(limit) <= 0:
-        raise UserError(f"data.limit must be a positive integer, got {limit}")
+    if limit is not None and (isinstance(limit, bool) or not str(limit).isdigit() or int(limit) <= 0):
+        raise UserError(f"data.limit={limit!r}: give a positive whole number of samples, or null for the whole split")
     samples = loaders[name](split=split, root=root)
     if limit is not None:
         samples = samples[: int(limit)]

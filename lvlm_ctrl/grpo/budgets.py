@@ -3,11 +3,25 @@ range of the training environment (the fastest and slowest profiled configuratio
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from lvlm_ctrl.errors import UserError
+
+
+def positive_ms(name: str, value, optional: bool = False) -> float | None:
+    """A budget option as a positive, finite number of ms (None where optional), or a one-line error."""
+    if value is None and optional:
+        return None
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}={value!r} is not a number: give milliseconds, e.g. {name}=40") from None
+    if not math.isfinite(ms) or ms <= 0:
+        raise UserError(f"{name}={value!r}: give a positive, finite number of milliseconds")
+    return ms
 
 
 class Budgets:
@@ -21,7 +35,9 @@ class Uniform(Budgets):
     policy also learns the edges, where validation and users' budgets land too."""
 
     def __init__(self, low_ms: float | None = None, high_ms: float | None = None, margin: float = 0.0):
-        self.low_ms, self.high_ms, self.margin = low_ms, high_ms, margin
+        self.low_ms = positive_ms("budget.low_ms", low_ms, optional=True)
+        self.high_ms = positive_ms("budget.high_ms", high_ms, optional=True)
+        self.margin = margin
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         lo = self.low_ms if self.low_ms is not None else self.feasible[0] * (1 - self.margin)
@@ -33,9 +49,7 @@ class Uniform(Budgets):
 
 class Fixed(Budgets):
     def __init__(self, budget_ms: float):
-        if not budget_ms or budget_ms <= 0:
-            raise UserError(f"budget.budget_ms must be positive, got {budget_ms}")
-        self.budget_ms = float(budget_ms)
+        self.budget_ms = positive_ms("budget.budget_ms", budget_ms)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.full((n,), self.budget_ms)
@@ -43,7 +57,8 @@ class Fixed(Budgets):
 
 class Normal(Budgets):
     def __init__(self, mean_ms: float | None = None, std_ms: float | None = None):
-        self.mean_ms, self.std_ms = mean_ms, std_ms
+        self.mean_ms = positive_ms("budget.mean_ms", mean_ms, optional=True)
+        self.std_ms = positive_ms("budget.std_ms", std_ms, optional=True)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         lo, hi = self.feasible
