@@ -8,10 +8,13 @@ configuration and keeps, online:
      (half-life `halflife` requests). Two parameters, not one factor for every configuration: a
      slowdown that adds a fixed cost to every request hits the cheap configurations hardest (the
      last single-factor attempt was too cautious at high budgets);
-  2. a margin m >= 1, moved by feedback on lateness as adaptive conformal inference does: after a
-     late request log m rises by step * (1 - target), after one in time it falls by step * target,
-     so the long-run late fraction settles at `target` whatever the line misses (a noisier machine
-     has a longer tail). Requests for which nothing was predicted to fit do not move it.
+  2. a margin m >= 1 per budget band (bands 10% wide in log budget), moved by feedback on lateness
+     as adaptive conformal inference does: after a late request log m rises by step * (1 - target),
+     after one in time it falls by step * target, so the band's long-run late fraction settles at
+     `target` whatever the line misses (a noisier machine has a longer tail). Per band, because
+     lateness at one budget says nothing about another: one margin for all let 46% of the requests at
+     one budget run late while nine others were kept. Requests for which nothing was predicted to
+     fit do not move it.
 
 A budget B on this machine is the budget (B / m - a) / b in the profile's terms, never more than B,
 which is what the controller then decides for. Before serving, `warm_up` times a few configurations spread over the
@@ -35,9 +38,10 @@ class LatencyCalibration:
     max_margin: float = 1.5
     warmup: int = 6             # configurations timed by warm_up (0 = none)
     prior: float = 4.0          # weight of the identity line (measured = profiled) before any request
+    band: float = 0.1           # margins are kept per budget band of this relative width
 
     def __post_init__(self):
-        for name in ("halflife", "step", "max_margin", "prior"):
+        for name in ("halflife", "step", "max_margin", "prior", "band"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ValueError(f"calibration.{name} must be a number >= 0, got {value!r}")
@@ -45,13 +49,13 @@ class LatencyCalibration:
             raise ValueError(f"calibration.target must be a fraction in (0, 1), got {self.target!r}")
         self.forget = 0.5 ** (1.0 / max(self.halflife, 1.0))
         self.stats = np.zeros(5)  # weighted sums of 1, x, y, x^2, xy
-        self.log_margin = 0.0
+        self.log_margins: dict[int, float] = {}
         self.seen = 0
 
     def reset(self, profiled_range: tuple[float, float]) -> None:
         """Start from the identity line over the profile's latency range."""
         self.stats[:] = 0.0
-        self.log_margin, self.seen = 0.0, 0
+        self.log_margins, self.seen = {}, 0
         for x in profiled_range:
             self._add(x, x, self.prior / 2)
 
@@ -73,9 +77,11 @@ class LatencyCalibration:
         b = min(max(b, 0.3), 5.0)
         return (sy - b * sx) / n, b
 
-    @property
-    def margin(self) -> float:
-        return math.exp(self.log_margin)
+    def _band(self, budget_ms: float) -> int:
+        return round(math.log(max(budget_ms, 1e-3)) / math.log1p(max(self.band, 1e-3)))
+
+    def margin(self, budget_ms: float) -> float:
+        return math.exp(self.log_margins.get(self._band(budget_ms), 0.0))
 
     def predict(self, profiled_ms: float) -> float:
         a, b = self.line
@@ -89,7 +95,7 @@ class LatencyCalibration:
         # never looser than the budget itself: a machine faster than its profile in the median says
         # nothing about the profile's tail, which the controllers' choices are made of (on a GPU
         # whose profile ran slow, loosening made 47-57% of requests late at mid budgets)
-        return min(max((budget_ms / self.margin - a) / b, 1e-3), budget_ms)
+        return min(max((budget_ms / self.margin(budget_ms) - a) / b, 1e-3), budget_ms)
 
     def observe(self, profiled_ms: float, measured_ms: float, budget_ms: float | None = None,
                 predicted_to_fit: bool = True) -> None:
@@ -102,8 +108,9 @@ class LatencyCalibration:
         self.seen += 1
         if budget_ms is not None and predicted_to_fit:
             late = float(measured_ms > budget_ms)
-            self.log_margin = min(max(self.log_margin + self.step * (late - self.target), 0.0),
-                                  math.log(self.max_margin))
+            band = self._band(budget_ms)
+            log_m = self.log_margins.get(band, 0.0) + self.step * (late - self.target)
+            self.log_margins[band] = min(max(log_m, 0.0), math.log(self.max_margin))
 
     def warm_up(self, run, configurations: list[tuple[object, float]]) -> None:
         """run(knobs) -> measured ms; configurations: (knobs, profiled median) pairs. Times `warmup` of
@@ -120,4 +127,5 @@ class LatencyCalibration:
 
     def state(self) -> dict:
         a, b = self.line
-        return {"enabled": self.enabled, "a_ms": a, "b": b, "margin": self.margin, "requests": self.seen}
+        margins = {f"{(1 + self.band) ** k:.1f}": math.exp(v) for k, v in sorted(self.log_margins.items())}
+        return {"enabled": self.enabled, "a_ms": a, "b": b, "margins": margins, "requests": self.seen}

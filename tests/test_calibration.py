@@ -46,7 +46,7 @@ def test_the_margin_steers_the_late_fraction_to_its_target():
     cal.reset((8.0, 40.0))
     for _ in range(400):  # on time: the margin stays at 1 (it only adds caution)
         cal.observe(20.0, 20.0, budget_ms=25.0)
-    assert cal.margin == 1.0
+    assert cal.margin(25.0) == 1.0
     late = 0
     for _ in range(2000):  # a tail the profile never showed: 30% of requests run 40% longer
         budget = 25.0
@@ -54,11 +54,12 @@ def test_the_margin_steers_the_late_fraction_to_its_target():
         measured = x * (1.4 if rng.random() < 0.3 else 1.0)
         late += measured > budget
         cal.observe(x, measured, budget_ms=budget)
-    assert cal.margin > 1.0 and late / 2000 < 0.12
-    margin = cal.margin
+    assert cal.margin(25.0) > 1.0 and late / 2000 < 0.12
+    assert cal.margin(40.0) == 1.0  # another budget's band kept its own
+    margin = cal.margin(10.0)
     for _ in range(50):  # nothing was predicted to fit: lateness there is no news
         cal.observe(20.0, 40.0, budget_ms=10.0, predicted_to_fit=False)
-    assert cal.margin == margin
+    assert cal.margin(10.0) == margin
 
 
 @pytest.mark.parametrize("bad", [{"halflife": -1}, {"target": 1.5}, {"step": "fast"}])
