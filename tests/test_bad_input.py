@@ -39,6 +39,7 @@ CASES = [
     ("lvlm_ctrl.train", ["budget=fixed", "budget.budget_ms=soon"], "budget.budget_ms='soon' is not a number"),
     ("lvlm_ctrl.train", ["ckpt_path={tmp}/truncated.ckpt"], "cannot resume from"),
     ("lvlm_ctrl.train", ["data.limit=abc"], "data.limit='abc'"),
+    ("lvlm_ctrl.train", ["profile.measured=many"], "profile.measured='many'"),
     ("lvlm_ctrl.train", ["profile.path={tmp}/renamed", "data.limit=4"], "outside this backbone's knob space"),
     ("lvlm_ctrl.train", ["controller=lookup", "profile.path={tmp}/renamed"], "does not match this backbone"),
     ("lvlm_ctrl.train", ["profile.path={tmp}/foreign", "data.limit=4"], "is of backbone ['qwen']"),

@@ -40,8 +40,10 @@ class ProfileDataModule(L.LightningDataModule):
         """latency_model: a fitted latency model's path: the environment's latencies are its predictions
         (latency=predicted) instead of the measured ones."""
         super().__init__()
-        if int(measured) <= 0:
-            raise UserError(f"profile.measured must be a positive number of questions, got {measured}")
+        for name, value in (("profile.measured", measured), ("profile.batch_size", batch_size),
+                            ("profile.answer_batch_size", answer_batch_size)):
+            if isinstance(value, bool) or not str(value).isdigit() or int(value) <= 0:
+                raise UserError(f"{name}={value!r}: give a positive whole number")
         self.backbone, self.dataset, self.path = backbone, dataset, Path(str(path))
         self.measured, self.answer_batch_size, self.warmup = int(measured), int(answer_batch_size), int(warmup)
         self.batch_size, self.val_fraction, self.seed = int(batch_size), float(val_fraction), seed
