@@ -61,13 +61,18 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir) / "checkpoints"
 
 
-def train_module(cfg: DictConfig, module: L.LightningModule, data) -> float:
-    ckpt_dir = checkpoint_dir(cfg)
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from (ckpt_path, `last` = this run's last.ckpt), checked to load; or None."""
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
-        ckpt_path = str(ckpt_dir / "last.ckpt")
+        ckpt_path = str(checkpoint_dir(cfg) / "last.ckpt")
     if ckpt_path:
         check_checkpoint(ckpt_path)
+    return ckpt_path
+
+
+def train_module(cfg: DictConfig, module: L.LightningModule, data, ckpt_path: str | None) -> float:
+    ckpt_dir = checkpoint_dir(cfg)
     if not ckpt_path and any(ckpt_dir.glob("*.ckpt")):
         raise UserError(f"{ckpt_dir} already holds checkpoints of another run: resume it with ckpt_path=last, or "
                         "train into a new directory (hydra.run.dir=...)")
@@ -113,13 +118,12 @@ def train(cfg: DictConfig) -> float:
     target = hydra.utils.get_class(cfg.controller._target_)
     trained = issubclass(target, L.LightningModule)
     budgets = hydra.utils.instantiate(cfg.budget) if trained else None  # bad options fail before any work
-    if trained and cfg.ckpt_path not in (None, "last"):
-        check_checkpoint(cfg.ckpt_path)
+    ckpt_path = resume_path(cfg) if trained else None
     backbone = hydra.utils.instantiate(cfg.model)
     data = build_data(cfg, backbone)
     if trained:
         return train_module(cfg, hydra.utils.instantiate(training_node(cfg.controller), backbone=backbone,
-                                                         budgets=budgets, _convert_="all"), data)
+                                                         budgets=budgets, _convert_="all"), data, ckpt_path)
     if hasattr(target, "fit"):
         return train_lookup(cfg, hydra.utils.instantiate(cfg.controller), data)
     raise UserError(f"controller {cfg.controller_name} is not trained (it neither is a LightningModule nor has "
