@@ -25,9 +25,10 @@ RUN ?= outputs/run/$(STAMP)
 VAL ?= 100
 ANSWERS ?= 500
 TEST ?= 1000
+TRAIN_ARGS ?=
 run: install
 	$(PY) -m lvlm_ctrl.train controller=grpo budget=uniform profile.measured=$(VAL) data.limit=$(ANSWERS) \
-		hydra.run.dir=$(RUN)/train
+		hydra.run.dir=$(RUN)/train $(TRAIN_ARGS)
 	$(PY) -m lvlm_ctrl.evaluate controller=grpo ckpt=$(RUN)/train/checkpoints/best.ckpt \
 		data.split=test data.limit=$(TEST) hydra.run.dir=$(RUN)/eval
 

@@ -18,7 +18,11 @@ configuration and keeps, online:
 
 A budget B on this machine is the budget (B / m - a) / b in the profile's terms, never more than B,
 which is what the controller then decides for. Before serving, `warm_up` times a few configurations spread over the
-profiled latency range, so the line starts from this machine's state instead of the profile's.
+profiled latency range, so the line starts from this machine's state instead of the profile's, and
+times the cheapest configuration `floor` times: the 95th percentile of those is the lowest budget this
+machine can keep now (`floor_ms`), where evaluate's default budget grid starts when it is above the
+profile's (a machine slower than its profile cannot keep the profile's lowest budget, whatever the
+controller decides).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class LatencyCalibration:
     step: float = 0.05          # the margin's feedback gain (log scale)
     max_margin: float = 1.5
     warmup: int = 6             # configurations timed by warm_up (0 = none)
+    floor: int = 20             # timings of the cheapest configuration at warm_up: the serving floor
     prior: float = 4.0          # weight of the identity line (measured = profiled) before any request
     band: float = 0.1           # margins are kept per budget band of this relative width
 
@@ -51,6 +56,7 @@ class LatencyCalibration:
         self.stats = np.zeros(5)  # weighted sums of 1, x, y, x^2, xy
         self.log_margins: dict[int, float] = {}
         self.seen = 0
+        self.floor_ms: float | None = None
 
     def reset(self, profiled_range: tuple[float, float]) -> None:
         """Start from the identity line over the profile's latency range."""
@@ -116,16 +122,25 @@ class LatencyCalibration:
         """run(knobs) -> measured ms; configurations: (knobs, profiled median) pairs. Times `warmup` of
         them, spread evenly over their profiled latency, twice each (the first run of a configuration
         can pay for lazy initialisation)."""
-        if not self.enabled or not self.warmup or not configurations:
+        if not self.enabled or not configurations:
             return
         ordered = sorted(configurations, key=lambda c: c[1])
-        picks = np.unique(np.linspace(0, len(ordered) - 1, self.warmup).round().astype(int))
-        for i in picks:
-            knobs, profiled = ordered[i]
-            run(knobs)
-            self.observe(profiled, run(knobs))
+        if self.warmup:
+            picks = np.unique(np.linspace(0, len(ordered) - 1, self.warmup).round().astype(int))
+            for i in picks:
+                knobs, profiled = ordered[i]
+                run(knobs)
+                self.observe(profiled, run(knobs))
+        if self.floor:
+            knobs, profiled = ordered[0]
+            times = []
+            for _ in range(self.floor):
+                times.append(run(knobs))
+                self.observe(profiled, times[-1])
+            self.floor_ms = float(np.percentile(times, 95))
 
     def state(self) -> dict:
         a, b = self.line
         margins = {f"{(1 + self.band) ** k:.1f}": math.exp(v) for k, v in sorted(self.log_margins.items())}
-        return {"enabled": self.enabled, "a_ms": a, "b": b, "margins": margins, "requests": self.seen}
+        return {"enabled": self.enabled, "a_ms": a, "b": b, "floor_ms": self.floor_ms, "margins": margins,
+                "requests": self.seen}

@@ -12,6 +12,7 @@ last generated token, plus the controller's own decision time.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 
@@ -68,18 +69,29 @@ def warm_up(backbone, controller, samples, budget, n: int = 3, image=None) -> No
         serve(backbone, controller, s, img, budget)
     if calibration is not None and samples:
         controller.calibration = calibration
-        s, image = samples[0], images[0]
-        calibration.warm_up(lambda knobs: backbone.generate([image], [s.question], knobs).total_ms,
-                            controller.profiled_configurations())
+        requests = itertools.cycle(list(zip(samples, images)))  # inputs may differ in cost: take turns
+
+        def run(knobs):
+            s, img = next(requests)
+            return backbone.generate([img], [s.question], knobs).total_ms
+        calibration.warm_up(run, controller.profiled_configurations())
 
 
-def run_requests(backbone, controller, samples, budgets: list, warmup: int = 3) -> dict:
+def serving_grid(budgets: list[float], floor_ms: float | None) -> list[float]:
+    """The default budget grid on this machine now: a machine slower than its profile cannot keep the
+    profile's lowest budgets, whatever the controller decides, so the grid starts at the cheapest
+    configuration's 95th percentile measured at warm-up when that is higher."""
+    if floor_ms is None or floor_ms <= budgets[0]:
+        return budgets
+    return [float(b) for b in np.linspace(floor_ms, max(budgets[-1], floor_ms), len(budgets))]
+
+
+def run_requests(backbone, controller, samples, budgets: list) -> dict:
     """Serve every sample at every budget, one request at a time; per-budget request records.
 
     Budgets are interleaved per sample, so a slow spell of the machine hits every budget alike
     instead of inflating the violation rate of whichever budget ran during it.
     """
-    warm_up(backbone, controller, samples, budgets[-1], warmup)
     records = {b: [] for b in budgets}
     with tqdm(total=len(samples) * len(budgets), desc=f"evaluate {controller.name}", unit="req",
               dynamic_ncols=True) as bar:
@@ -136,16 +148,20 @@ def main(cfg: DictConfig) -> float | None:
     backbone = hydra.utils.instantiate(cfg.model)
     controller = serving_controller(cfg, backbone)
     dataset = hydra.utils.instantiate(cfg.data)
-    if budgets == [None] and hasattr(controller, "default_budgets"):
+    default_grid = budgets == [None] and hasattr(controller, "default_budgets")
+    if default_grid:
         budgets = controller.default_budgets(num_budgets)
+    warm_up(backbone, controller, dataset.samples, budgets[-1], cfg.eval.warmup)
+    calibration = getattr(controller, "calibration", None)
+    if default_grid and calibration is not None:
+        budgets = serving_grid(budgets, calibration.floor_ms)
     if isinstance(controller, StaticController):
         # its choice ignores the budget: serve once, score against every budget
-        records = run_requests(backbone, controller, dataset.samples, [None], cfg.eval.warmup)[None]
+        records = run_requests(backbone, controller, dataset.samples, [None])[None]
         results = [summarize(records, b) for b in budgets]
     else:
-        records = run_requests(backbone, controller, dataset.samples, budgets, cfg.eval.warmup)
+        records = run_requests(backbone, controller, dataset.samples, budgets)
         results = [summarize(records[b], b) for b in budgets]
-    calibration = getattr(controller, "calibration", None)
     summary = {
         "controller": controller.name, "dataset": dataset.name, "split": dataset.split,
         "num_samples": len(dataset), "latency_source": cfg.latency.source, "backbone": backbone.name,

@@ -128,3 +128,28 @@ def test_grpo_serving_decides_for_the_calibrated_budget(backbone, easy_samples):
         assert gen.knobs == want
     assert cal.seen == seen + 2
     assert ctl.profiled_latency(Knobs("high", 1, 8, 16)) == 10.0
+
+
+def test_warm_up_measures_the_serving_floor_and_the_default_grid_starts_there():
+    from lvlm_ctrl.evaluate import serving_grid
+
+    rng = np.random.default_rng(0)
+    configurations = [(f"c{i}", x) for i, x in enumerate(np.linspace(8, 40, 30))]
+    timed = []
+
+    def run(knobs):
+        timed.append(knobs)
+        return slower(dict(configurations)[knobs]) * (1 + 0.1 * rng.random())
+
+    cal = LatencyCalibration(warmup=6, floor=40)
+    cal.reset((8.0, 40.0))
+    cal.warm_up(run, configurations)
+    assert timed.count("c0") == 2 + 40  # the cheapest: twice as one of the six, then `floor` times
+    assert slower(8.0) < cal.floor_ms <= slower(8.0) * 1.1
+    profiled = [float(b) for b in np.linspace(8.0, 40.0, 10)]
+    grid = serving_grid(profiled, cal.floor_ms)
+    assert grid[0] == cal.floor_ms and grid[-1] == 40.0 and len(grid) == 10
+    assert serving_grid(profiled, 5.0) == profiled and serving_grid(profiled, None) == profiled  # a faster machine
+    off = LatencyCalibration(enabled=False)
+    off.warm_up(run, configurations)
+    assert off.floor_ms is None
