@@ -19,10 +19,10 @@ configuration and keeps, online:
 A budget B on this machine is the budget (B / m - a) / b in the profile's terms, never more than B,
 which is what the controller then decides for. Before serving, `warm_up` times a few configurations spread over the
 profiled latency range, so the line starts from this machine's state instead of the profile's, and
-times the cheapest configuration `floor` times: the 95th percentile of those is the lowest budget this
-machine can keep now (`floor_ms`), where evaluate's default budget grid starts when it is above the
-profile's (a machine slower than its profile cannot keep the profile's lowest budget, whatever the
-controller decides).
+times the cheapest configuration `floor` times: the 97.5th percentile of those, an estimate of its
+95th that errs high, is the lowest budget this machine can keep now (`floor_ms`), where evaluate's
+default budget grid starts when it is above the profile's (a machine slower than its profile cannot
+keep the profile's lowest budget, whatever the controller decides).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class LatencyCalibration:
     step: float = 0.05          # the margin's feedback gain (log scale)
     max_margin: float = 1.5
     warmup: int = 6             # configurations timed by warm_up (0 = none)
-    floor: int = 20             # timings of the cheapest configuration at warm_up: the serving floor
+    floor: int = 40             # timings of the cheapest configuration at warm_up: the serving floor
     prior: float = 4.0          # weight of the identity line (measured = profiled) before any request
     band: float = 0.1           # margins are kept per budget band of this relative width
 
@@ -137,7 +137,7 @@ class LatencyCalibration:
             for _ in range(self.floor):
                 times.append(run(knobs))
                 self.observe(profiled, times[-1])
-            self.floor_ms = float(np.percentile(times, 95))
+            self.floor_ms = float(np.percentile(times, 97.5))
 
     def state(self) -> dict:
         a, b = self.line
