@@ -96,7 +96,7 @@ def main() -> None:
     rel = lambda x, y: abs(x - y) / y  # noqa: E731
     grid_diff = [rel(d, q) for d, q in zip(disturbed["grid_ms"], quiet["grid_ms"])]
     run_dir = OUT / "run"
-    make = ["make", "run", f"RUN={run_dir}", f"TEST={a.test}", f"ANSWERS={limit}", f"VAL={a.measured}",
+    make = ["make", "-o", ".venv/.installed", "run", f"RUN={run_dir}", f"TEST={a.test}", f"ANSWERS={limit}", f"VAL={a.measured}",
             f"TRAIN_ARGS=profile.path={OUT / 'disturbed'}"]
     t0 = time.time()
     subprocess.run(make, cwd=ROOT, check=True)
