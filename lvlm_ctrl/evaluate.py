@@ -79,11 +79,11 @@ def warm_up(backbone, controller, samples, budget, n: int = 3, image=None) -> No
 
 def serving_grid(budgets: list[float], floor_ms: float | None) -> list[float]:
     """The default budget grid on this machine now: a machine slower than its profile cannot keep the
-    profile's lowest budgets, whatever the controller decides, so the grid starts at the cheapest
-    configuration's 95th percentile measured at warm-up when that is higher."""
+    profile's lowest budgets, whatever the controller decides, so the grid is scaled by how much
+    slower the cheapest configuration runs now (its 97.5th percentile at warm-up) than profiled."""
     if floor_ms is None or floor_ms <= budgets[0]:
         return budgets
-    return [float(b) for b in np.linspace(floor_ms, max(budgets[-1], floor_ms), len(budgets))]
+    return [float(b * floor_ms / budgets[0]) for b in budgets]
 
 
 def run_requests(backbone, controller, samples, budgets: list) -> dict:
@@ -130,7 +130,7 @@ def summarize(records: list[dict], budget_ms: float | None) -> dict:
 def auc(results: list[dict]) -> float | None:
     """Area under accuracy vs budget, normalised by the budget range (so it is a mean accuracy)."""
     pts = sorted((r["budget_ms"], r["accuracy"]) for r in results if r["budget_ms"] is not None)
-    if len(pts) < 2:
+    if len(pts) < 2 or pts[0][0] == pts[-1][0]:
         return None
     xs, ys = zip(*pts)
     return float(np.trapezoid(ys, xs) / (xs[-1] - xs[0]))

@@ -148,7 +148,10 @@ def test_warm_up_measures_the_serving_floor_and_the_default_grid_starts_there():
     assert slower(8.0) < cal.floor_ms <= slower(8.0) * 1.1
     profiled = [float(b) for b in np.linspace(8.0, 40.0, 10)]
     grid = serving_grid(profiled, cal.floor_ms)
-    assert grid[0] == cal.floor_ms and grid[-1] == 40.0 and len(grid) == 10
+    assert grid[0] == pytest.approx(cal.floor_ms) and len(grid) == 10
+    assert grid == pytest.approx([b * cal.floor_ms / 8.0 for b in profiled])  # scaled by the cheapest's slowdown
+    very_slow = serving_grid(profiled, 80.0)  # even the cheapest is slower than the profile's full model
+    assert very_slow[0] == 80.0 and very_slow[-1] == 400.0
     assert serving_grid(profiled, 5.0) == profiled and serving_grid(profiled, None) == profiled  # a faster machine
     off = LatencyCalibration(enabled=False)
     off.warm_up(run, configurations)

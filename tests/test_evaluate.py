@@ -82,3 +82,4 @@ def test_budget_parsing_and_auc():
     results = [{"budget_ms": 10.0, "accuracy": 0.5}, {"budget_ms": 30.0, "accuracy": 1.0}]
     assert auc(results) == pytest.approx(0.75)
     assert auc(results[:1]) is None
+    assert auc([{"budget_ms": 10.0, "accuracy": 0.5}, {"budget_ms": 10.0, "accuracy": 0.7}]) is None  # no range
