@@ -57,7 +57,10 @@ class ProfileDataModule(L.LightningDataModule):
         if self.path.suffix == ".parquet":
             return self.path
         prepared = self.path / "profile.parquet"
-        if prepared.exists() or (self.path / PREPARE_LOCK).exists() or not part_files(self.path):
+        # a directory holding a preparation's steps (measured-M/, answers-N/, copied or left by a run
+        # that stopped) is one to prepare into: their parts are not the profile
+        steps = any(self.path.glob("measured-*")) or any(self.path.glob("answers-*"))
+        if prepared.exists() or (self.path / PREPARE_LOCK).exists() or steps or not part_files(self.path):
             return prepared
         return self.path
 
