@@ -19,8 +19,9 @@ configuration and keeps, online:
 A budget B on this machine is the budget (B / m - a) / b in the profile's terms, never more than B,
 which is what the controller then decides for. Before serving, `warm_up` times a few configurations spread over the
 profiled latency range, so the line starts from this machine's state instead of the profile's, and
-times the cheapest configuration `floor` times: the 97.5th percentile of those, an estimate of its
-95th that errs high, is the lowest budget this machine can keep now (`floor_ms`), where evaluate's
+times the cheapest configuration `floor` times, each after another configuration as served: the
+97.5th percentile of those, an estimate of its 95th that errs high, is the lowest budget this
+machine can keep now (`floor_ms`), where evaluate's
 default budget grid starts when it is above the profile's (a machine slower than its profile cannot
 keep the profile's lowest budget, whatever the controller decides).
 """
@@ -118,10 +119,13 @@ class LatencyCalibration:
             log_m = self.log_margins.get(band, 0.0) + self.step * (late - self.target)
             self.log_margins[band] = min(max(log_m, 0.0), math.log(self.max_margin))
 
-    def warm_up(self, run, configurations: list[tuple[object, float]]) -> None:
+    def warm_up(self, run, configurations: list[tuple[object, float]], overhead_ms: float = 0.0) -> None:
         """run(knobs) -> measured ms; configurations: (knobs, profiled median) pairs. Times `warmup` of
         them, spread evenly over their profiled latency, twice each (the first run of a configuration
-        can pay for lazy initialisation)."""
+        can pay for lazy initialisation). Then the floor: the cheapest configuration `floor` times, each
+        after another configuration as serving interleaves them (timed back to back, the same
+        configuration stays in the caches and runs faster than it will be served), plus the
+        controller's own time per request (`overhead_ms`)."""
         if not self.enabled or not configurations:
             return
         ordered = sorted(configurations, key=lambda c: c[1])
@@ -133,9 +137,11 @@ class LatencyCalibration:
                 self.observe(profiled, run(knobs))
         if self.floor:
             knobs, profiled = ordered[0]
+            others = ordered[1:] or ordered
             times = []
-            for _ in range(self.floor):
-                times.append(run(knobs))
+            for i in range(self.floor):
+                run(others[(i * 7919) % len(others)][0])  # a spread of the others, untimed
+                times.append(run(knobs) + overhead_ms)
                 self.observe(profiled, times[-1])
             self.floor_ms = float(np.percentile(times, 97.5))
 

@@ -65,8 +65,7 @@ def warm_up(backbone, controller, samples, budget, n: int = 3, image=None) -> No
     calibration = getattr(controller, "calibration", None)
     if calibration is not None:
         controller.calibration = None  # lazy initialisation is not this machine's speed
-    for s, img in zip(samples[:n], images):
-        serve(backbone, controller, s, img, budget)
+    overheads = [serve(backbone, controller, s, img, budget)[2] for s, img in zip(samples[:n], images)]
     if calibration is not None and samples:
         controller.calibration = calibration
         requests = itertools.cycle(list(zip(samples, images)))  # inputs may differ in cost: take turns
@@ -74,7 +73,7 @@ def warm_up(backbone, controller, samples, budget, n: int = 3, image=None) -> No
         def run(knobs):
             s, img = next(requests)
             return backbone.generate([img], [s.question], knobs).total_ms
-        calibration.warm_up(run, controller.profiled_configurations())
+        calibration.warm_up(run, controller.profiled_configurations(), float(np.median(overheads or [0.0])))
 
 
 def serving_grid(budgets: list[float], floor_ms: float | None) -> list[float]:

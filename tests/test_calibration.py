@@ -145,6 +145,7 @@ def test_warm_up_measures_the_serving_floor_and_the_default_grid_starts_there():
     cal.reset((8.0, 40.0))
     cal.warm_up(run, configurations)
     assert timed.count("c0") == 2 + 40  # the cheapest: twice as one of the six, then `floor` times
+    assert len(timed) == 2 * 6 + 2 * 40 and timed[12] != "c0"  # each floor timing after another configuration
     assert slower(8.0) < cal.floor_ms <= slower(8.0) * 1.1
     profiled = [float(b) for b in np.linspace(8.0, 40.0, 10)]
     grid = serving_grid(profiled, cal.floor_ms)
