@@ -10,7 +10,7 @@ install: .venv/.installed
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,optuna]"
+	$(PIP) install -q -e ".[test,optuna,launchers]"
 	touch $@
 
 # The main job on the embedded default: the design card's command, then the evaluation.

@@ -93,7 +93,7 @@ def main() -> None:
     limit = int(a.answers.name.split("-")[-1])
     quiet = prepare("quiet", a.answers, a.measured, limit, None)
     disturbed = prepare("disturbed", a.answers, a.measured, limit, (a.busy_after, a.busy_for, a.busy))
-    rel = lambda x, y: abs(x - y) / y  # noqa: E731
+    rel = lambda x, y: abs(x - y) / y
     grid_diff = [rel(d, q) for d, q in zip(disturbed["grid_ms"], quiet["grid_ms"])]
     run_dir = OUT / "run"
     make = ["make", "-o", ".venv/.installed", "run", f"RUN={run_dir}", f"TEST={a.test}", f"ANSWERS={limit}", f"VAL={a.measured}",

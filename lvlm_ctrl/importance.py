@@ -46,12 +46,10 @@ def block_influence(backbone, samples, batch_size: int) -> list[float]:
     try:
         full = backbone.space.full()
         for images, questions, _ in batches(samples, batch_size):
-            enc = backbone.encode(images, questions, full.tier)
-            attn = enc["attention_mask"]
-            mask_holder["mask"] = attn.float()
-            backbone.model(inputs_embeds=backbone.embed(enc), attention_mask=attn,
-                           position_ids=backbone.positions(attn), use_cache=False, logits_to_keep=1)
-            count += int(attn.sum())
+            prompt = backbone.encode(images, questions, full.tier)
+            mask_holder["mask"] = prompt.attention_mask.float()
+            backbone.prefill(prompt, backbone.vision(prompt), use_cache=False, logits_to_keep=1)
+            count += int(prompt.attention_mask.sum())
     finally:
         for h in handles:
             h.remove()

@@ -32,6 +32,35 @@ class KnobSpace:
     insertions: tuple[int, ...] = (1, 2, 3, 4, 5)
     top_ks: tuple[int, ...] = (4, 5, 6, 7, 8)
 
+    @classmethod
+    def for_backbone(cls, tiers: tuple[str, ...], hooks, insertions=None, top_ks=None) -> KnobSpace:
+        """The space a backbone offers: top_k options up to the routers' trained top_k (the five
+        largest by default), insertion positions 1..P with P = 5 where the model is deep enough, so
+        that every num_blocks option keeps the pinned blocks. Either list may be given instead (the
+        model config's `insertions` / `top_ks`); 225 configurations for the embedded default."""
+        L = hooks.num_layers
+        trained = [k for k in hooks.default_top_k if k is not None]
+        if not trained:
+            raise UserError(f"no MoE router with a top_k in the {L} decoder blocks: the top_k knob has nothing "
+                            "to act on (a dense model, or a router this family's adapter does not know)")
+        k = max(trained)
+        fixed = len(set(hooks.pinned) | {0})
+        if top_ks is None:
+            top_ks = range(max(1, k - 4), k + 1)
+        top_ks = tuple(sorted({int(t) for t in top_ks}))
+        if not top_ks or top_ks[0] < 1 or top_ks[-1] > k:
+            raise UserError(f"model.top_ks={list(top_ks)}: give top_k options between 1 and the trained top_k {k}")
+        if insertions is None:
+            insertions = range(1, max(1, min(5, L - 1, L + 1 - fixed)) + 1)
+        insertions = tuple(sorted({int(p) for p in insertions}))
+        space = cls(tiers=tuple(tiers), num_layers=L, insertions=insertions, top_ks=top_ks)
+        if not insertions or insertions[0] < 1 or insertions[-1] >= L or \
+                insertions != tuple(range(insertions[0], insertions[-1] + 1)) or \
+                any(min(space.num_blocks_options(p)) < len(set(range(p)) | set(hooks.pinned)) for p in insertions):
+            raise UserError(f"model.insertions={list(insertions)}: give consecutive positions in [1, {L - 1}] "
+                            f"that leave room for the {fixed} blocks this model never skips")
+        return space
+
     @property
     def min_kept_after(self) -> int:
         # L - P: how many blocks beyond p are always kept, so that p=P leaves exactly one option.

@@ -33,7 +33,7 @@ from lvlm_ctrl.profiling import KNOB_COLUMNS, merge, read_profile, write_part
 def record(dataset, sample, knobs, gen, row: int, backbone, source: str, retimed: int = 0) -> dict:
     return {
         "dataset": dataset.name, "split": dataset.split, "sample_id": sample.sample_id, **knobs.as_dict(),
-        "vision_tokens": gen.vision_tokens, "text_tokens": int(gen.text_tokens[row]),
+        "vision_tokens": int(gen.vision_tokens[row]), "text_tokens": int(gen.text_tokens[row]),
         "output_tokens": int(gen.output_tokens[row]), "prediction": gen.answers[row],
         "accuracy": vqa_score(gen.answers[row], list(sample.answers)),
         "T_vision_ms": gen.vision_ms, "T_prefill_ms": gen.prefill_ms, "T_decode_ms": gen.decode_ms,

@@ -67,3 +67,22 @@ def test_grouped_experts_kernel_gives_the_same_answers(backbone, easy_samples):
     images, questions = [s.load_image() for s in samples], [s.question for s in samples]
     for knobs in (Knobs("high", 5, 8, 16), Knobs("medium", 2, 5, 13)):
         assert grouped.generate(images, questions, knobs).answers == backbone.generate(images, questions, knobs).answers
+
+
+@pytest.mark.slow
+def test_shards_through_a_hydra_launcher_merge_to_the_rows_of_one_job(tmp_path):
+    """Scale-out the way a cluster runs it: one job per shard through Hydra's launcher (joblib here,
+    submitit on SLURM: hydra/launcher=submitit_slurm), then merge; the same rows as one job."""
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    proc = run_cli("lvlm_ctrl.profile", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   "profile.shard=0,1", "profile.num_shards=2", "data.split=val", "data.limit=4",
+                   f"profile.path={sharded}", "profile.warmup=0", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("lvlm_ctrl.profile", "merge=true", f"profile.path={sharded}", f"hydra.run.dir={tmp_path / 'm'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    profile(single, "data.limit=4", "profile.warmup=0")
+    keys = ["sample_id", "tier", "insertion", "top_k", "num_blocks"]
+    a = read_profile(sharded / "profile.parquet").sort_values(keys).reset_index(drop=True)
+    b = read_profile(single).sort_values(keys).reset_index(drop=True)
+    assert len(a) == len(b) == 4 * 225
+    assert a[keys + ["prediction", "output_tokens"]].equals(b[keys + ["prediction", "output_tokens"]])

@@ -1,12 +1,15 @@
 """The frozen backbone of a request: model, processor, knob hooks and the greedy decode loop.
 
-`Backbone.generate` is the whole serving path of DESIGN.md: preprocess at the tier, vision encoder
-and projector, prefill through the kept blocks (the latency token captured on the way), greedy
-decode with the KV cache; each stage timed.
+`Backbone.generate` is the whole serving path of DESIGN.md: preprocess at the tier (`encode`), the
+vision encoder and projector (`vision`), the prefill through the kept blocks (`prefill`: the model's
+own forward, given the vision features, so that its positions, masks and deepstack are the model's;
+the latency token captured on the way), greedy decode with the KV cache; each stage timed. Profile,
+evaluate, infer, importance and the GRPO features all go through these three steps.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -14,9 +17,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache
 from transformers.utils import logging as hf_logging
 
+from lvlm_ctrl.backbone.families import Family, family_class, load_processor
 from lvlm_ctrl.backbone.hooks import KnobHooks
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.knobs import Knobs, KnobSpace
@@ -28,7 +32,7 @@ EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "tiny_moe"
 class Generation:
     answers: list[str]
     output_tokens: list[int]
-    vision_tokens: int
+    vision_tokens: list[int]
     text_tokens: list[int]
     vision_ms: float = 0.0
     prefill_ms: float = 0.0
@@ -43,50 +47,92 @@ class Generation:
         return self.vision_ms + self.prefill_ms + self.decode_ms
 
 
+@dataclass
+class Prompt:
+    """A batch of requests preprocessed at one tier: what the model's own forward takes."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor   # as generate computes them: (B, L), or (rows, B, L) for multimodal rope
+    vision_inputs: dict          # get_image_features' arguments (pixel_values, image_grid_thw, ...)
+    forward_kwargs: dict         # whatever else the forward takes (e.g. mm_token_type_ids)
+    vision_tokens: list[int]
+
+    @property
+    def next_position(self) -> torch.Tensor:
+        """The position of the token after the prompt (generate's rule: the last one plus one)."""
+        return self.position_ids[..., -1:] + 1
+
+    @property
+    def text_tokens(self) -> list[int]:
+        return [int(n) - v for n, v in zip(self.attention_mask.sum(-1).tolist(), self.vision_tokens)]
+
+
 class Backbone:
     def __init__(self, model, processor, tiers: dict[str, int], ranking: list[int] | None,
-                 prompt: str, max_new_tokens: int, name: str = "backbone"):
+                 prompt: str | None, max_new_tokens: int, name: str = "backbone",
+                 insertions: list[int] | None = None, top_ks: list[int] | None = None):
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.family: Family = family_class(model.config.model_type)(model, processor)
         self.tier_sizes = dict(tiers)
-        self.prompt = prompt
+        self.prompt = prompt or self.family.prompt
         self.max_new_tokens = max_new_tokens
         self.name = name
-        self.hooks = KnobHooks(model, ranking)
-        self.space = KnobSpace(tiers=tuple(self.tier_sizes), num_layers=self.hooks.num_layers)
+        self.hooks = KnobHooks(model, ranking, self.family)
+        self.space = KnobSpace.for_backbone(tuple(self.tier_sizes), self.hooks, insertions, top_ks)
         self.device = next(model.parameters()).device
         self.eos_id = self.tokenizer.eos_token_id
-        self.image_token_id = model.config.image_token_id
+        self.image_token_id = getattr(model.config, "image_token_id", None) or processor.image_token_id
+        encoder = self.model.base_model.get_image_features
+        self._vision_params = set(inspect.signature(encoder).parameters) - {"kwargs"}
 
     # ---- stages -------------------------------------------------------------------------
-    def _now(self) -> float:
+    def _now(self):
+        """A point in time: a recorded CUDA event on a GPU (no synchronisation mid-request), else the clock."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
         return time.perf_counter()
 
-    def encode(self, images: list[Image.Image], questions: list[str], tier: str):
+    def _ms(self, start, end) -> float:
+        if self.device.type == "cuda":
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (end - start) * 1e3
+
+    def encode(self, images: list[Image.Image], questions: list[str], tier: str) -> Prompt:
         if tier not in self.tier_sizes:
             raise UserError(f"unknown tier {tier!r}: choose one of {', '.join(self.tier_sizes)}")
-        side = self.tier_sizes[tier]
         texts = [self.prompt.format(question=q) for q in questions]
         enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True,
-                             size={"height": side, "width": side})
-        return enc.to(self.device)
+                             **self.family.tier_kwargs(self.tier_sizes[tier])).to(self.device)
+        kwargs = dict(enc)
+        input_ids = kwargs.pop("input_ids")
+        positions = self.model._prepare_position_ids_for_generation(input_ids, {"input_ids": input_ids, **kwargs})
+        # split as generate does: what the vision encoder takes, and the rest for the forward
+        vision = {k: kwargs.pop(k) for k in list(kwargs) if k in self._vision_params}
+        for k, v in vision.items():
+            if k.startswith("pixel_values") and v.is_floating_point():
+                vision[k] = v.to(self.model.dtype)
+        attention_mask = kwargs.pop("attention_mask")
+        n_vision = (input_ids == self.image_token_id).sum(-1).tolist()
+        return Prompt(input_ids, attention_mask, positions, vision, kwargs, n_vision)
 
-    def embed(self, enc) -> torch.Tensor:
-        """Vision tower + projector, merged into the text embeddings at the image placeholders."""
-        features = self.model.model.get_image_features(
-            enc["pixel_values"].to(self.model.dtype), interpolate_pos_encoding=True
-        ).pooler_output
-        embeds = self.model.get_input_embeddings()(enc["input_ids"])
-        mask = (enc["input_ids"] == self.image_token_id).unsqueeze(-1)
-        return embeds.masked_scatter(mask, torch.cat(list(features)).to(embeds.dtype))
+    def vision(self, prompt: Prompt) -> dict:
+        """The vision encoder and projector: the forward's `mm_encoder_outputs`."""
+        out = self.model.base_model.get_image_features(**prompt.vision_inputs, **self.family.vision_kwargs(),
+                                                       return_dict=True)
+        return {"image": out}
 
-    @staticmethod
-    def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-        # Left padding: real tokens count from 0 so batch rows match batch-1 runs.
-        return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    def prefill(self, prompt: Prompt, vision: dict, **kwargs):
+        """The model's own forward over the prompt, given its vision features (cache, use_cache,
+        logits_to_keep, output_hidden_states pass through)."""
+        return self.model(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask,
+                          position_ids=prompt.position_ids, mm_encoder_outputs=dict(vision),
+                          **prompt.forward_kwargs, **kwargs)
 
     @torch.inference_mode()
     def generate(self, images, questions, knobs: Knobs, *, use_cache: bool = True,
@@ -102,23 +148,23 @@ class Backbone:
         """
         max_new = max_new_tokens or self.max_new_tokens
         t0 = self._now()
-        enc = self.encode(images, questions, knobs.tier)
-        embeds = self.embed(enc)
-        attn = enc["attention_mask"]
+        prompt = self.encode(images, questions, knobs.tier)
+        vision = self.vision(prompt)
         t1 = self._now()
-        batch = embeds.shape[0]
+        batch = prompt.input_ids.shape[0]
         out_ids = torch.empty(batch, 0, dtype=torch.long, device=self.device)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        stage2_s = [0.0]
+        stage2_ms = [0.0]
+        cache = DynamicCache(config=self.model.config.get_text_config()) if use_cache else None
         if decide is not None:
             def timed(token):
                 t = self._now()
                 if query is not None:
                     layers = cache.layers[:knobs.insertion]
                     token = self.hooks.probe(query, [c.keys for c in layers], [c.values for c in layers],
-                                             enc["attention_mask"], [knobs.insertion])[:, 0]
+                                             prompt.attention_mask, prompt.next_position, [knobs.insertion])[:, 0]
                 out = decide(token)
-                stage2_s[0] = self._now() - t
+                stage2_ms[0] = self._ms(t, self._now())
                 return out
             blocks = self.hooks.staged(knobs.insertion, timed)
         elif kept is not None:
@@ -126,10 +172,10 @@ class Backbone:
         else:
             blocks = self.hooks.apply(knobs, capture=capture)
         with blocks as cap:
-            cache = DynamicCache() if use_cache else None
-            logits = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=self.positions(attn),
-                                cache=cache, use_cache=use_cache, logits_to_keep=1).logits
+            logits = self.prefill(prompt, vision, cache=cache, use_cache=use_cache, logits_to_keep=1).logits
             t2 = self._now()
+            ids, attn, pos = prompt.input_ids, prompt.attention_mask, prompt.position_ids
+            extra = dict(prompt.forward_kwargs)
             for step in range(max_new):
                 nxt = logits[:, -1].argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
@@ -138,14 +184,17 @@ class Backbone:
                 if step == max_new - 1 or (stop_at_eos and bool(done.all())):
                     break
                 attn = torch.cat([attn, attn.new_ones(batch, 1)], dim=1)
-                pos = self.positions(attn)
+                step_pos = pos[..., -1:] + 1
+                pos = torch.cat([pos, step_pos], dim=-1)
                 if use_cache:
-                    logits = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[:, -1:],
+                    logits = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=step_pos,
                                         cache=cache, use_cache=True).logits
-                else:
-                    embeds = torch.cat([embeds, self.model.get_input_embeddings()(nxt[:, None])], dim=1)
-                    logits = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=pos,
-                                        use_cache=False, logits_to_keep=1).logits
+                else:  # the whole sequence again, as the model's forward would see it
+                    ids = torch.cat([ids, nxt[:, None]], dim=1)
+                    extra = {k: _grow(v, batch) for k, v in extra.items()}
+                    logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                                        mm_encoder_outputs=dict(vision), use_cache=False, logits_to_keep=1,
+                                        **extra).logits
             t3 = self._now()
         token_ids, answers, n_out = [], [], []
         for row in out_ids.tolist():
@@ -153,12 +202,18 @@ class Backbone:
             token_ids.append(row[:cut])
             n_out.append(cut)
             answers.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        n_vision = int((enc["input_ids"][0] == self.image_token_id).sum())
-        text = (enc["attention_mask"].sum(-1) - n_vision).tolist()
         if decide is not None:
             knobs = Knobs(knobs.tier, knobs.insertion, *cap.decision)
-        return Generation(answers, n_out, n_vision, text, (t1 - t0) * 1e3, (t2 - t1 - stage2_s[0]) * 1e3,
-                          (t3 - t2) * 1e3, cap.latency_token, token_ids, knobs, stage2_s[0] * 1e3)
+        return Generation(answers, n_out, prompt.vision_tokens, prompt.text_tokens, self._ms(t0, t1),
+                          self._ms(t1, t2) - stage2_ms[0], self._ms(t2, t3), cap.latency_token, token_ids, knobs,
+                          stage2_ms[0])
+
+
+def _grow(value, batch: int):
+    """A per-token forward input (token types) one generated text token longer."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[0] == batch:
+        return torch.cat([value, value.new_zeros(batch, 1)], dim=1)
+    return value
 
 
 def load_ranking(path: str | Path | None, num_layers: int) -> list[int] | None:
@@ -182,23 +237,29 @@ def set_experts_implementation(model, name: str | None) -> None:
 
 
 def load_backbone(path: str | None = None, tiers: dict | None = None, importance: str | None = None,
-                  prompt: str = "{question}", max_new_tokens: int = 8, device: str = "cpu",
+                  prompt: str | None = None, max_new_tokens: int = 8, device: str = "cpu",
                   dtype: str = "float32", experts_implementation: str | None = "batched_mm",
-                  name: str | None = None) -> Backbone:
-    """Load a backbone saved with save_pretrained from a local directory (never from a hub)."""
+                  name: str | None = None, insertions: list[int] | None = None,
+                  top_ks: list[int] | None = None, device_map: str | dict | None = None) -> Backbone:
+    """Load a backbone saved with save_pretrained from a local directory (never from a hub); its
+    family (families.py) comes from config.model_type. prompt=None takes the family's template;
+    device_map (e.g. "auto") spreads a model larger than one device over several (accelerate)."""
     root = Path(path) if path else EMBEDDED
     if not (root / "config.json").exists():
         raise UserError(f"no model checkpoint at {root}: pass model.path=DIR holding config.json and weights "
-                        "(python -m lvlm_ctrl.pretrain writes one)")
+                        "(python -m lvlm_ctrl.pretrain or python -m lvlm_ctrl.backbone.build_tiny writes one)")
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForImageTextToText.from_pretrained(root, dtype=getattr(torch, dtype),
-                                                            local_files_only=True).to(device)
+        family = family_class(AutoConfig.from_pretrained(root, local_files_only=True).model_type)
+        model = AutoModelForImageTextToText.from_pretrained(root, dtype=getattr(torch, dtype), local_files_only=True,
+                                                            device_map=device_map)
+        if device_map is None:
+            model = model.to(device)
         set_experts_implementation(model, experts_implementation)
-        processor = AutoProcessor.from_pretrained(root, local_files_only=True)
+        processor = load_processor(root, family)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the backbone at {root}: {str(err).splitlines()[0]}") from None
     num_layers = len(KnobHooks(model).blocks)
     ranking = load_ranking(importance or root / "importance.json", num_layers)
     return Backbone(model, processor, tiers or {"high": 0}, ranking, prompt, max_new_tokens,
-                    name=name or root.name)
+                    name=name or root.name, insertions=insertions, top_ks=top_ks)

@@ -3,7 +3,9 @@
 No extra forward pass: top_k is an attribute each router reads at call time, and skipping blocks
 swaps the decoder's ModuleList for the kept blocks. Attention and the KV cache index by
 `layer_idx`, so kept blocks are renumbered 0..n-1 and `num_hidden_layers` (and `layer_types`, where
-the config has it) made to match. Block 0 always stays: the cache reads the sequence length there.
+the config has it) made to match. Block 0 always stays: the cache reads the sequence length there;
+so do the blocks the family pins (e.g. Qwen3-VL's deepstack targets). Where the blocks and routers
+are is the family's business (families.py).
 """
 
 from __future__ import annotations
@@ -15,23 +17,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from lvlm_ctrl.backbone.families import Family, family_class
 from lvlm_ctrl.knobs import Knobs
-
-
-def find_decoder(model: nn.Module) -> nn.Module:
-    """The text decoder: the module that owns the list of transformer blocks."""
-    for name in ("model.language_model", "language_model", "model"):
-        module = model
-        for part in name.split("."):
-            module = getattr(module, part, None)
-        if module is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
-            return module
-    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
-
-
-def router_of(block: nn.Module) -> nn.Module | None:
-    gate = getattr(getattr(block, "mlp", None), "gate", None)
-    return gate if gate is not None and hasattr(gate, "top_k") else None
 
 
 @dataclass
@@ -43,11 +30,13 @@ class Capture:
 
 
 class KnobHooks:
-    def __init__(self, model: nn.Module, ranking: list[int] | None = None):
-        self.decoder = find_decoder(model)
+    def __init__(self, model: nn.Module, ranking: list[int] | None = None, family: Family | None = None):
+        family = family or family_class(model.config.model_type)(model)
+        self.decoder = family.decoder()
         self.blocks = list(self.decoder.layers)
         self.num_layers = len(self.blocks)
-        self.routers = [router_of(b) for b in self.blocks]
+        self.pinned = sorted(i for i in family.pinned_blocks() if i < self.num_layers)
+        self.routers = [family.router(b) for b in self.blocks]
         self.default_top_k = [r.top_k if r is not None else None for r in self.routers]
         self.ranking = list(ranking) if ranking is not None else list(range(self.num_layers))
         self._saved_types = getattr(self.decoder.config, "layer_types", None)
@@ -55,9 +44,10 @@ class KnobHooks:
             raise ValueError(f"block ranking must be a permutation of 0..{self.num_layers - 1}")
 
     def kept_blocks(self, insertion: int, num_blocks: int) -> list[int]:
-        """Blocks [0, p) plus the most important num_blocks - p blocks of [p, L), in order."""
-        extra = [i for i in self.ranking if i >= insertion][: num_blocks - insertion]
-        return list(range(insertion)) + sorted(extra)
+        """Blocks [0, p) and the pinned ones, plus the most important others up to num_blocks, in order."""
+        fixed = set(range(insertion)) | set(self.pinned)
+        extra = [i for i in self.ranking if i not in fixed][: max(num_blocks - len(fixed), 0)]
+        return sorted(fixed | set(extra))
 
     def apply(self, knobs: Knobs, capture: bool = False):
         """Within the block the decoder runs `knobs`; yields a Capture filled by the prefill."""
@@ -111,11 +101,12 @@ class KnobHooks:
             self._restore(saved)
 
     def probe(self, query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
-              attention_mask: torch.Tensor, insertions: list[int]) -> torch.Tensor:
+              attention_mask: torch.Tensor, position: torch.Tensor, insertions: list[int]) -> torch.Tensor:
         """The budget token's pass (controller.budget_token): `query` (B, 1, d) runs through blocks
         [0, max p) as one more token after a prompt whose per-block keys and values are given
-        ((B, heads, L, head_dim) each, left-padded as `attention_mask` (B, L)). Returns its hidden
-        state after block p-1 for each p of `insertions`: (B, len(insertions), d).
+        ((B, heads, L, head_dim) each, left-padded as `attention_mask` (B, L)), at the position the
+        prompt's next token would have (`Prompt.next_position`). Returns its hidden state after block
+        p-1 for each p of `insertions`: (B, len(insertions), d).
 
         The token is appended after the prompt's pass, in a cache of its own, so the prompt's
         states, and the answer, are exactly those without it (causal attention): the profile stays
@@ -125,7 +116,6 @@ class KnobHooks:
         for i in range(last):
             cache.update(keys[i], values[i], i)
         attn = torch.cat([attention_mask, attention_mask.new_ones(len(query), 1)], dim=1)
-        position = attention_mask.sum(-1, keepdim=True)  # real tokens count from 0
         out: dict[int, torch.Tensor] = {}
 
         def grab(p):

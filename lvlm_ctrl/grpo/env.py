@@ -106,42 +106,40 @@ def latency_tokens(backbone, samples, batch_size: int = 64) -> torch.Tensor:
         images, questions = [s.load_image() for s in chunk], [s.question for s in chunk]
         per_tier = []
         for tier in space.tiers:
-            enc = backbone.encode(images, questions, tier)
-            attn = enc["attention_mask"]
-            hs = backbone.model(inputs_embeds=backbone.embed(enc), attention_mask=attn,
-                                position_ids=backbone.positions(attn), output_hidden_states=True,
-                                logits_to_keep=1).hidden_states
+            prompt = backbone.encode(images, questions, tier)
+            hs = backbone.prefill(prompt, backbone.vision(prompt), output_hidden_states=True,
+                                  logits_to_keep=1).hidden_states
             per_tier.append(torch.stack([hs[p][:, -1] for p in space.insertions], dim=1))
         out.append(torch.stack(per_tier, dim=1).float().cpu())
     return torch.cat(out)
 
 
 @torch.inference_mode()
-def prompt_states(backbone, samples, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def prompt_states(backbone, samples, batch_size: int = 64) -> list[tuple[torch.Tensor, ...]]:
     """Per tier: the prompt's keys and values in blocks [0, max p) ((S, max p, heads, L, head_dim)
-    each, left-padded to the tier's longest prompt) and its attention mask (S, L). With these, the
-    budget token's latency token (budget_token_latency_tokens) costs max p blocks of one token."""
+    each, left-padded to the tier's longest prompt), its attention mask (S, L) and the position of
+    the token after it ((S, 1), or (rows, S, 1) for multimodal rope). With these, the budget token's
+    latency token (budget_token_latency_tokens) costs max p blocks of one token."""
     space, hooks = backbone.space, backbone.hooks
     last = max(space.insertions)
     out = []
     for tier in space.tiers:
-        keys, values, masks = [], [], []
+        keys, values, masks, positions = [], [], [], []
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
-            enc = backbone.encode([s.load_image() for s in chunk], [s.question for s in chunk], tier)
-            attn = enc["attention_mask"]
-            cache = DynamicCache()
+            prompt = backbone.encode([s.load_image() for s in chunk], [s.question for s in chunk], tier)
+            cache = DynamicCache(config=backbone.model.config.get_text_config())
             with hooks.run_blocks(list(range(last))):
-                backbone.model(inputs_embeds=backbone.embed(enc), attention_mask=attn,
-                               position_ids=backbone.positions(attn), cache=cache, use_cache=True,
-                               logits_to_keep=1)
+                backbone.prefill(prompt, backbone.vision(prompt), cache=cache, use_cache=True, logits_to_keep=1)
             keys.append(torch.stack([cache.layers[i].keys for i in range(last)], dim=1).cpu())
             values.append(torch.stack([cache.layers[i].values for i in range(last)], dim=1).cpu())
-            masks.append(attn.cpu())
+            masks.append(prompt.attention_mask.cpu())
+            positions.append(prompt.next_position.cpu())
         length = max(m.shape[1] for m in masks)
         out.append((torch.cat([_left_pad(k, length, -2) for k in keys]),
                     torch.cat([_left_pad(v, length, -2) for v in values]),
-                    torch.cat([_left_pad(m, length, -1) for m in masks])))
+                    torch.cat([_left_pad(m, length, -1) for m in masks]),
+                    torch.cat(positions, dim=-2)))
     return out
 
 
@@ -155,8 +153,9 @@ def budget_token_latency_tokens(backbone, query: torch.Tensor, states, rows: tor
     tier; differentiable in `query` (the backbone stays frozen)."""
     insertions = list(backbone.space.insertions)
     dtype, per_tier = backbone.model.dtype, []
-    for keys, values, mask in states:
+    for keys, values, mask, position in states:
         k, v = (t[rows].to(query.device, dtype) for t in (keys, values))
         per_tier.append(backbone.hooks.probe(query.to(dtype), list(k.unbind(1)), list(v.unbind(1)),
-                                             mask[rows].to(query.device), insertions).float())
+                                             mask[rows].to(query.device), position[..., rows, :].to(query.device),
+                                             insertions).float())
     return torch.stack(per_tier, dim=1)
