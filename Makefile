@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 PIP ?= .venv/bin/pip
 
-.PHONY: install run test lint clean
+.PHONY: install run test test-full lint clean
 
 install: .venv/.installed
 
@@ -32,7 +32,11 @@ run: install
 	$(PY) -m lvlm_ctrl.evaluate controller=grpo ckpt=$(RUN)/train/checkpoints/best.ckpt \
 		data.split=test data.limit=$(TEST) hydra.run.dir=$(RUN)/eval
 
+# The fast suite (tests marked slow left out); test-full runs everything, as CI does.
 test: install
+	$(PY) -m pytest -m "not slow"
+
+test-full: install
 	$(PY) -m pytest
 
 lint: install

@@ -26,6 +26,7 @@ def test_full_configuration_equals_the_model_s_own_forward_and_generate(family):
     assert conformance.generate_mismatches(backbone, images, questions) == []
 
 
+@pytest.mark.slow
 def test_cache_matches_no_cache_for_every_configuration(family):
     backbone, images, questions = family
     configs = backbone.space.configurations()

@@ -14,6 +14,7 @@ def profile(path, *overrides):
     return proc
 
 
+@pytest.mark.slow
 def test_profile_resumes_shards_and_merges_without_duplicates(tmp_path):
     path = tmp_path / "profile"
     profile(path, "profile.shard=0", "profile.num_shards=2")
