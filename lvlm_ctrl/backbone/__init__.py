@@ -103,13 +103,16 @@ class Backbone:
             return start.elapsed_time(end)
         return (end - start) * 1e3
 
-    def encode(self, images: list[Image.Image], questions: list[str], tier: str) -> Prompt:
+    def preprocess(self, images: list[Image.Image], questions: list[str], tier: str):
+        """The processor's outputs at the tier, as a user of the model would pass them to its forward."""
         if tier not in self.tier_sizes:
             raise UserError(f"unknown tier {tier!r}: choose one of {', '.join(self.tier_sizes)}")
         texts = [self.prompt.format(question=q) for q in questions]
-        enc = self.processor(images=images, text=texts, return_tensors="pt", padding=True,
-                             **self.family.tier_kwargs(self.tier_sizes[tier])).to(self.device)
-        kwargs = dict(enc)
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True,
+                              **self.family.tier_kwargs(self.tier_sizes[tier])).to(self.device)
+
+    def encode(self, images: list[Image.Image], questions: list[str], tier: str) -> Prompt:
+        kwargs = dict(self.preprocess(images, questions, tier))
         input_ids = kwargs.pop("input_ids")
         positions = self.model._prepare_position_ids_for_generation(input_ids, {"input_ids": input_ids, **kwargs})
         # split as generate does: what the vision encoder takes, and the rest for the forward
@@ -259,7 +262,7 @@ def load_backbone(path: str | None = None, tiers: dict | None = None, importance
         processor = load_processor(root, family)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the backbone at {root}: {str(err).splitlines()[0]}") from None
-    num_layers = len(KnobHooks(model).blocks)
+    num_layers = len(family(model).decoder().layers)
     ranking = load_ranking(importance or root / "importance.json", num_layers)
     return Backbone(model, processor, tiers or {"high": 0}, ranking, prompt, max_new_tokens,
                     name=name or root.name, insertions=insertions, top_ks=top_ks)

@@ -11,11 +11,7 @@ from lvlm_ctrl.knobs import Knobs
 
 
 def model_inputs(backbone, images, questions, tier: str) -> dict:
-    """The processor's outputs as a user of the model would pass them to its forward or generate."""
-    texts = [backbone.prompt.format(question=q) for q in questions]
-    enc = backbone.processor(images=images, text=texts, return_tensors="pt", padding=True,
-                             **backbone.family.tier_kwargs(backbone.tier_sizes[tier])).to(backbone.device)
-    return dict(enc)
+    return dict(backbone.preprocess(images, questions, tier))
 
 
 @torch.inference_mode()
