@@ -83,3 +83,21 @@ def test_budget_parsing_and_auc():
     assert auc(results) == pytest.approx(0.75)
     assert auc(results[:1]) is None
     assert auc([{"budget_ms": 10.0, "accuracy": 0.5}, {"budget_ms": 10.0, "accuracy": 0.7}]) is None  # no range
+
+
+def test_budget_order_rotates_per_sample(backbone, easy_samples):
+    """A sample's first request is its slowest (a new image and question): every budget takes that
+    turn equally often, instead of the lowest budget always."""
+    from lvlm_ctrl.controllers.static import StaticController
+    from lvlm_ctrl.evaluate import run_requests
+
+    class Recording(StaticController):
+        def decide(self, sample, budget_ms):
+            order.append(budget_ms)
+            return super().decide(sample, budget_ms)
+
+    order = []
+    budgets = [10.0, 20.0, 30.0]
+    records = run_requests(backbone, Recording().bind(backbone), easy_samples[:3], budgets)
+    assert order == [10.0, 20.0, 30.0, 20.0, 30.0, 10.0, 30.0, 10.0, 20.0]
+    assert all(len(records[b]) == 3 for b in budgets)

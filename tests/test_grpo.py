@@ -244,20 +244,33 @@ def test_serving_language_feature_matches_training(backbone):
             assert torch.allclose(torch.from_numpy(total) / n, row, atol=1e-6)
 
 
-def bound_controller(backbone, policy: TwoStagePolicy, **options):
+def bound_controller(backbone, policy: TwoStagePolicy, p95=None, **options):
     """A GRPOController serving `policy` as bind() would set it up from a checkpoint."""
     from lvlm_ctrl.controllers.grpo import GRPOController, embedding_view
 
     ctl = GRPOController(**options)
     d = backbone.model.get_input_embeddings().weight.shape[1]
-    ctl.policy, ctl.kernel, ctl.embeddings = policy, ArgmaxKernel(policy, d), embedding_view(backbone)
+    ctl.policy, ctl.kernel, ctl.embeddings = policy, ArgmaxKernel(policy, d, p95), embedding_view(backbone)
     return ctl
 
 
-def test_serving_decides_as_the_policy_does(backbone, easy_samples):
+def synthetic_p95(space) -> torch.Tensor:
+    """(tiers, P, K, N) p95 latencies growing with every knob, NaN where num_blocks is invalid."""
+    t, p, k, n = torch.meshgrid(*(torch.arange(x, dtype=torch.float32) for x in (
+        len(space.tiers), len(space.insertions), len(space.top_ks), space.max_block_options)), indexing="ij")
+    lat = 10.0 * (1 + t) * (1 + 0.1 * k) * (1 + 0.05 * (p + n))
+    valid = space.num_blocks_mask(torch.tensor(space.insertions))[None, :, None, :].expand_as(lat)
+    return lat.masked_fill(~valid, float("nan"))
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_serving_decides_as_the_policy_does(backbone, easy_samples, guarded):
     """GRPOController.serve (numpy kernel inside the serving forward pass) takes the policy's greedy
-    decision for the same question, budget and latency token, at budgets that lead to different tiers."""
+    decision for the same question, budget and latency token, at budgets that lead to different tiers;
+    guarded, both choose only configurations whose p95 fits (the fastest when none does), and the
+    guard changes some decisions."""
     from lvlm_ctrl.grpo.env import language_features
+    from lvlm_ctrl.grpo.policy import fitting
 
     space = backbone.space
     torch.manual_seed(7)
@@ -266,17 +279,25 @@ def test_serving_decides_as_the_policy_does(backbone, easy_samples):
     with torch.no_grad():
         for p in policy.parameters():
             p.mul_(3)
-    ctl = bound_controller(backbone, policy)
-    tiers = set()
+    p95 = synthetic_p95(space) if guarded else None
+    ctl = bound_controller(backbone, policy, p95)
+    tiers, changed = set(), 0
     for s in easy_samples[:3]:
         lang = language_features(backbone, [s.question])
         for budget in (5.0, 20.0, 80.0, 300.0, 2000.0):
             gen, overhead = ctl.serve(backbone, s.question, s.load_image(), budget)
             tokens = gen.latency_token.reshape(1, 1, 1, -1).expand(1, len(space.tiers), len(space.insertions), d)
-            want = policy.act(lang, tokens.float(), torch.tensor([budget]), greedy=True).knobs(space)[0]
-            assert gen.knobs == want and overhead > 0
-            tiers.add(want.tier)
+            b = torch.tensor([budget])
+            fits = fitting(p95, b) if guarded else None
+            want = policy.act(lang, tokens.float(), b, greedy=True, fits=fits)
+            assert gen.knobs == want.knobs(space)[0] and overhead > 0
+            tiers.add(gen.knobs.tier)
+            if guarded:
+                chosen = p95[want.tier, want.insertion, want.top_k, want.num_blocks].item()
+                assert chosen <= budget or chosen == p95.nan_to_num(float("inf")).min().item()
+                changed += want.knobs(space) != policy.act(lang, tokens.float(), b, greedy=True).knobs(space)
     assert len(tiers) > 1  # the budget reaches the decision
+    assert not guarded or changed > 0
     assert len(ctl.questions) == len({s.question for s in easy_samples[:3]})  # later budgets hit the cache
 
 

@@ -6,7 +6,8 @@ each run on a cold cache right after the backbone's forward pass (measured on th
 1% of the full model allows). So the kernel makes as few calls as it can: the budget's share of
 both first layers, and stage 1's decision's share of stage 2's, are folded into one bias per
 budget (the budget is the same for many requests), the mean's 1/n is applied after the first
-matmul, and buffers are preallocated. The function is TwoStagePolicy's greedy act (tests check it).
+matmul, and buffers are preallocated. The function is TwoStagePolicy's greedy act (tests check it),
+with the argmax guard (policy.fitting) when `p95_ms` is given: its masks are per budget too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lvlm_ctrl.grpo.policy import TwoStagePolicy
+from lvlm_ctrl.grpo.policy import MASKED, TwoStagePolicy, fitting
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -22,8 +23,8 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 class ArgmaxKernel:
-    def __init__(self, policy: TwoStagePolicy, d_model: int):
-        self.policy, self.d = policy, d_model
+    def __init__(self, policy: TwoStagePolicy, d_model: int, p95_ms: torch.Tensor | None = None):
+        self.policy, self.d, self.p95 = policy, d_model, p95_ms
         s1, s2 = policy.stage1, policy.stage2
         self.w1 = (_np(s1[0].weight[:, :d_model]), _np(s1[2].weight), _np(s1[4].weight))
         self.b1 = (_np(s1[2].bias), _np(s1[4].bias))
@@ -34,11 +35,13 @@ class ArgmaxKernel:
         self.n_tier, self.n_ins, self.n_topk, self.n_blocks = policy.n_tier, policy.n_ins, policy.n_topk, policy.n_blocks
         hidden = self.w1[1].shape[0]
         self._h, self._first = np.empty(hidden, np.float32), np.empty(hidden, np.float32)
-        self._budget: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        self._budget: dict[float, tuple] = {}
 
     @torch.inference_mode()
-    def budget_bias(self, budget_ms: float) -> tuple[np.ndarray, np.ndarray]:
-        """-> stage 1's first-layer bias (hidden,) and stage 2's per stage-1 decision (tiers * P, hidden)."""
+    def budget_bias(self, budget_ms: float) -> tuple:
+        """-> stage 1's first-layer bias (hidden,) and stage 2's per stage-1 decision (tiers * P, hidden),
+        then the guard's masks to add to the logits, or None: tiers (T,), insertions (T, P), top_k
+        (T * P, K) and num_blocks (T * P, K, N)."""
         cached = self._budget.get(budget_ms)
         if cached is None:
             if len(self._budget) > 4096:
@@ -46,9 +49,14 @@ class ArgmaxKernel:
             pol, d = self.policy, self.d
             feat = pol.budget(torch.tensor([budget_ms]))[0]
             l1, l2 = pol.stage1[0], pol.stage2[0]
+            masks = None
+            if self.p95 is not None:
+                fits = fitting(self.p95, torch.tensor([budget_ms]))[0]
+                masks = tuple(np.where(ok.numpy(), np.float32(0), np.float32(MASKED)) for ok in (
+                    fits.flatten(1).any(-1), fits.flatten(2).any(-1), fits.flatten(0, 1).any(-1), fits.flatten(0, 1)))
             cached = self._budget[budget_ms] = (
                 _np(l1.bias + l1.weight[:, d:] @ feat),
-                _np(l2.bias + l2.weight[:, d:d + feat.numel()] @ feat) + self.decision_bias)
+                _np(l2.bias + l2.weight[:, d:d + feat.numel()] @ feat) + self.decision_bias, masks)
         return cached
 
     def _hidden(self, first: np.ndarray, w, b) -> np.ndarray:
@@ -72,17 +80,32 @@ class ArgmaxKernel:
 
     def stage1(self, question_feature: np.ndarray, budget_ms: float) -> tuple[int, int]:
         """question_feature: language(...) of the request's question (read, never written: cached)."""
-        first = np.add(question_feature, self.budget_bias(budget_ms)[0], out=self._first)
+        bias, _, masks = self.budget_bias(budget_ms)
+        first = np.add(question_feature, bias, out=self._first)
         out = self._hidden(first, self.w1, self.b1)
-        tier = int(out[: self.n_tier].argmax())
+        tiers = out[: self.n_tier]
+        if masks is not None:
+            tiers += masks[0]
+        tier = int(tiers.argmax())
         start = self.n_tier + tier * self.n_ins  # insertion logits at that tier
-        return tier, int(out[start:start + self.n_ins].argmax())
+        ins = out[start:start + self.n_ins]
+        if masks is not None:
+            ins += masks[1][tier]
+        return tier, int(ins.argmax())
 
     def stage2(self, token: np.ndarray, budget_ms: float, tier_idx: int, ins_idx: int, n_valid: int) -> tuple[int, int]:
         """n_valid: how many num_blocks options exist at this insertion (the rest are masked)."""
+        _, bias, masks = self.budget_bias(budget_ms)
+        decision = tier_idx * self.n_ins + ins_idx
         first = self.w2[0] @ token
-        first += self.budget_bias(budget_ms)[1][tier_idx * self.n_ins + ins_idx]
+        first += bias[decision]
         out = self._hidden(first, self.w2, self.b2)
-        k = int(out[:self.n_topk].argmax())
+        top_k = out[:self.n_topk]
+        if masks is not None:
+            top_k += masks[2][decision]
+        k = int(top_k.argmax())
         start = self.n_topk + k * self.n_blocks  # num_blocks logits at that top_k
-        return k, int(out[start:start + n_valid].argmax())
+        blocks = out[start:start + n_valid]
+        if masks is not None:
+            blocks += masks[3][decision, k, :n_valid]
+        return k, int(blocks.argmax())

@@ -2,7 +2,8 @@
 
 Stage 1 reads the question (the backbone's tokenizer and input embeddings) and the budget and picks
 (tier, p) before the image is processed; stage 2 runs inside the serving prefill, after block p-1,
-on the latency token, and picks (top_k, num_blocks). Decisions are the argmax (argmax_kernel.py).
+on the latency token, and picks (top_k, num_blocks). Decisions are the argmax (argmax_kernel.py),
+guarded as in validation: only among configurations whose profiled p95 fits the budget.
 The controller's own time (both stages) is reported as its overhead. Stage 1's question feature
 (tokenizer, embeddings, first matmul) depends on the question string alone and is cached per string
 (`question_cache` entries; 0 = off): VQA traffic repeats its questions, and each miss costs ~0.1 ms
@@ -61,11 +62,14 @@ def load_policy(ckpt: str | Path) -> tuple[TwoStagePolicy, dict]:
 class GRPOController:
     name = "grpo"
 
-    def __init__(self, ckpt: str | None = None, question_cache: int = 4096):
+    def __init__(self, ckpt: str | None = None, question_cache: int = 4096, guard: bool | None = None):
+        """guard: the argmax guard (policy.fitting) on or off; None: as the checkpoint was validated."""
         if isinstance(question_cache, bool) or not isinstance(question_cache, int) or question_cache < 0:
             raise UserError(f"controller.serving.question_cache={question_cache!r}: give a number of entries >= 0 "
                             "(0 = off)")
-        self.ckpt, self.question_cache = ckpt, question_cache
+        if guard is not None and not isinstance(guard, bool):
+            raise UserError(f"controller.serving.guard={guard!r}: give true, false or null (as trained)")
+        self.ckpt, self.question_cache, self.guard = ckpt, question_cache, guard
         self.calibration: LatencyCalibration | None = None  # evaluate / infer set it (calibration.py)
         self.policy: TwoStagePolicy | None = None
         self.questions: dict[str, np.ndarray] = {}  # stage 1's first layer on the question, per question
@@ -78,7 +82,12 @@ class GRPOController:
         if self.policy.space != backbone.space:
             raise UserError(f"checkpoint {self.ckpt} was trained for another knob space ({self.policy.space}) "
                             f"than this backbone's ({backbone.space})")
-        self.kernel = ArgmaxKernel(self.policy, self.hparams["d_model"])
+        guard = self.hparams.get("guard", False) if self.guard is None else self.guard
+        p95 = self.hparams.get("config_p95_ms")
+        if guard and p95 is None:
+            raise UserError(f"controller.serving.guard=true needs a checkpoint that records its profile's p95 latency; "
+                            f"{self.ckpt} does not (retrain it, or pass controller.serving.guard=false)")
+        self.kernel = ArgmaxKernel(self.policy, self.hparams["d_model"], torch.tensor(p95) if guard else None)
         self.questions.clear()  # another checkpoint's features
         self.queries.clear()
         self.embeddings = embedding_view(backbone)

@@ -50,6 +50,7 @@ class ProfileEnv:
         # the feasible range as the lookup table sees it: the fastest and the slowest configuration's
         # 95th-percentile latency (rows a disturbance slowed left out), so both default to the same budgets
         q95 = [robust_quantile(col, 0.95) for col in self.latency.reshape(len(self.sample_ids), -1).T.numpy()]
+        self.p95 = torch.tensor(q95, dtype=torch.float32).reshape(shape[1:])  # (tiers, P, K, N), NaN where invalid
         self.feasible = (float(np.nanmin(q95)), float(np.nanmax(q95)))
         self.tier_cost = torch.arange(1, len(space.tiers) + 1, dtype=torch.float32) / len(space.tiers)
         self.use_for_slo(torch.arange(len(self.sample_ids)))

@@ -3,7 +3,8 @@
 One training step, per batch of samples: draw a budget per sample, sample G configurations per
 (sample, budget) from the current policy, score them (ProfileEnv), normalise rewards within each
 group, and take `num_iterations` clipped policy-gradient steps on those rollouts (manual
-optimisation). Validation takes the argmax configuration at a grid of budgets.
+optimisation). Validation takes the argmax configuration at a grid of budgets, guarded as serving
+is (`guard`: never a configuration whose profiled p95 is over the budget when one fits).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from lvlm_ctrl.grpo.env import budget_token_latency_tokens, language_features, latency_tokens, prompt_states
 from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
-from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy
+from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy, fitting
 from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
 from lvlm_ctrl.knobs import KnobSpace
 
@@ -34,7 +35,7 @@ class GRPOModule(L.LightningModule):
                  kl_coef: float = 0.0, entropy_coef: float = 0.05, num_iterations: int = 1,
                  scale_rewards: str = "none", stage2_warmup_steps: int = 0, hidden: int = 256, budget_dim: int = 256,
                  budget_token: bool = False, val_num_budgets: int = 10, val_max_violation: float = 0.05,
-                 reward: dict | None = None):
+                 guard: bool = True, reward: dict | None = None):
         """backbone and budgets: for training (a Budgets of grpo/budgets.py); without them (serving, or
         load_from_checkpoint) the policy is built from `space` and `d_model`."""
         super().__init__()
@@ -51,7 +52,7 @@ class GRPOModule(L.LightningModule):
             "clip_eps": clip_eps, "kl_coef": kl_coef, "entropy_coef": entropy_coef, "num_iterations": num_iterations,
             "scale_rewards": scale_rewards, "stage2_warmup_steps": stage2_warmup_steps, "hidden": hidden,
             "budget_dim": budget_dim, "budget_token": bool(budget_token), "val_num_budgets": val_num_budgets,
-            "val_max_violation": val_max_violation, "reward": reward})
+            "val_max_violation": val_max_violation, "guard": bool(guard), "reward": reward})
         knob_space = KnobSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
         self.policy = TwoStagePolicy(knob_space, d_model=int(d_model), budget_dim=budget_dim, hidden=hidden,
                                      budget_token=budget_token)
@@ -63,6 +64,7 @@ class GRPOModule(L.LightningModule):
         self.num_iterations, self.scale_rewards = num_iterations, scale_rewards
         self.stage2_warmup_steps = stage2_warmup_steps
         self.val_max_violation = val_max_violation
+        self.guard = bool(guard)
         self.val_budgets: list[float] = []
         self.val_acc = torch.nn.ModuleList(MeanMetric() for _ in range(val_num_budgets))
         self.val_violation = torch.nn.ModuleList(MeanMetric() for _ in range(val_num_budgets))
@@ -71,7 +73,8 @@ class GRPOModule(L.LightningModule):
         self.env, self.prompt_states = None, None
         # what serving needs beside the policy: the feasible range (default budgets) and the profile's
         # median latency per configuration (tiers, P, K, N; NaN where invalid), which latency
-        # calibration compares measured requests with; saved in the checkpoint as plain lists
+        # calibration compares measured requests with, and its 95th percentile (the argmax guard);
+        # saved in the checkpoint as plain lists
         self.serving: dict = {}
 
     def setup(self, stage: str) -> None:
@@ -85,7 +88,8 @@ class GRPOModule(L.LightningModule):
         self.budgets.bind(self.env.feasible)
         self.val_budgets = torch.linspace(*self.env.feasible, len(self.val_acc)).tolist()
         self.serving = {"feasible_ms": list(self.env.feasible),
-                        "config_latency_ms": self.env.latency.nanmedian(0).values.tolist()}
+                        "config_latency_ms": self.env.latency.nanmedian(0).values.tolist(),
+                        "config_p95_ms": self.env.p95.tolist()}
         questions = [s.question for s in data.samples]
         # clone: tensors made under inference_mode cannot be module buffers that DDP broadcasts
         self.register_buffer("lang", language_features(self.backbone, questions).clone(), persistent=False)
@@ -190,7 +194,9 @@ class GRPOModule(L.LightningModule):
         idx = batch[0] if isinstance(batch, (list, tuple)) else batch
         for i, b in enumerate(self.val_budgets):
             budget = torch.full((len(idx),), b, device=self.lang.device)
-            d = self.policy.act(self.lang[idx], self.latency_tokens(self.policy, idx, budget), budget, greedy=True)
+            fits = fitting(self.env.p95, budget.cpu()).to(self.device) if self.guard else None
+            d = self.policy.act(self.lang[idx], self.latency_tokens(self.policy, idx, budget), budget, greedy=True,
+                                fits=fits)
             acc, lat = self.env.outcome(idx.cpu(), _cpu(d))
             self.val_acc[i].update(acc.to(self.device))
             self.val_violation[i].update((lat > b).float().to(self.device))

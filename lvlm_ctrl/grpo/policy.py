@@ -140,21 +140,44 @@ class TwoStagePolicy(nn.Module):
         return logp, {h: d.entropy() for h, d in dists.items()}
 
     @torch.no_grad()
-    def act(self, lang, latency_tokens, budget_ms, greedy: bool = False, uniform_stage1: bool = False) -> Decision:
+    def act(self, lang, latency_tokens, budget_ms, greedy: bool = False, uniform_stage1: bool = False,
+            fits: torch.Tensor | None = None) -> Decision:
         """Sample (or argmax) a decision per row; latency_tokens (B, tiers, P, d) as above.
 
         uniform_stage1: draw (tier, p) uniformly instead (stage-2 warm-up), stage 2 from the policy.
+        fits: (B, tiers, P, K, N) bool, the configurations each row may choose (fitting(...)): every
+        head's options that lead to none are masked.
         """
         feat = self.budget(budget_ms)
-        d_tier, ins_given = self.stage1_dists(lang, feat)
+        tier_logits, ins_logits = self.stage1_logits(lang, feat)
+        rows = torch.arange(len(lang), device=lang.device)
+        if fits is not None:
+            tier_logits = tier_logits.masked_fill(~fits.flatten(2).any(-1), MASKED)
+            ins_logits = ins_logits.masked_fill(~fits.flatten(3).any(-1), MASKED)
         pick = (lambda d: d.probs.argmax(-1)) if greedy else (lambda d: d.sample())
         if uniform_stage1:
-            tier = pick(Categorical(logits=torch.zeros_like(d_tier.logits)))
+            tier = pick(Categorical(logits=torch.zeros_like(tier_logits)))
             ins = pick(Categorical(logits=lang.new_zeros(len(lang), len(self.space.insertions))))
         else:
-            tier = pick(d_tier)
-            ins = pick(ins_given(tier))
-        tok = latency_tokens[torch.arange(len(ins)), tier, ins]
-        d_topk, blocks_given = self.stage2_dists(tok, feat, tier, ins)
-        top_k = pick(d_topk)
-        return Decision(tier, ins, top_k, pick(blocks_given(top_k)))
+            tier = pick(Categorical(logits=tier_logits))
+            ins = pick(Categorical(logits=ins_logits[rows, tier]))
+        tok = latency_tokens[rows, tier, ins]
+        topk_logits, blocks_logits = self.stage2_logits(tok, feat, tier, ins)
+        if fits is not None:
+            ok = fits[rows, tier, ins]  # (B, K, N)
+            topk_logits = topk_logits.masked_fill(~ok.any(-1), MASKED)
+            blocks_logits = blocks_logits.masked_fill(~ok, MASKED)
+        top_k = pick(Categorical(logits=topk_logits))
+        return Decision(tier, ins, top_k, pick(Categorical(logits=blocks_logits[rows, top_k])))
+
+
+def fitting(p95_ms: torch.Tensor, budget_ms: torch.Tensor) -> torch.Tensor:
+    """The argmax guard: (B, tiers, P, K, N) bool, the configurations whose profiled 95th-percentile
+    latency p95_ms (tiers, P, K, N; NaN where invalid) fits each row's budget, or the fastest one
+    where none does. A policy's argmax at a budget it was rarely trained at (the feasible range's low
+    edge, or below it once calibration has tightened the budget) can be any configuration; with the
+    guard it is never one the profile says runs late when one that keeps the budget exists."""
+    lat = p95_ms.nan_to_num(float("inf"))[None]
+    fits = lat <= budget_ms.to(lat)[:, None, None, None, None]
+    fastest = lat == lat.flatten(1).min(-1).values[:, None, None, None, None]
+    return torch.where(fits.flatten(1).any(-1)[:, None, None, None, None], fits, fastest)
