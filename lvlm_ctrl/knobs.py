@@ -39,7 +39,7 @@ class KnobSpace:
         that every num_blocks option keeps the pinned blocks. Either list may be given instead (the
         model config's `insertions` / `top_ks`); 225 configurations for the embedded default."""
         L = hooks.num_layers
-        trained = [k for k in hooks.default_top_k if k is not None]
+        trained = hooks.default_top_k
         if not trained:
             raise UserError(f"no MoE router with a top_k in the {L} decoder blocks: the top_k knob has nothing "
                             "to act on (a dense model, or a router this family's adapter does not know)")

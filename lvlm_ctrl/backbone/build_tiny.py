@@ -164,6 +164,40 @@ def internvl(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int 
     return model, processor
 
 
+def ernie4_5_vl_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int = 8):
+    """ERNIE-4.5-VL-MoE: text and vision tokens routed to separate expert sets in every sparse block."""
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration, Ernie4_5_VLMoeProcessor
+    from transformers.models.ernie4_5_vl_moe.image_processing_pil_ernie4_5_vl_moe import (
+        Ernie4_5_VLMoeImageProcessorPil)
+
+    specials = {"pad_token": "<unk>", "eos_token": "</s>", "bos_token": "<|begin_of_sentence|>",
+                "image_token": "<|IMAGE_PLACEHOLDER|>", "image_start_token": "<|IMAGE_START|>",
+                "image_end_token": "<|IMAGE_END|>", "video_token": "<|VIDEO_PLACEHOLDER|>",
+                "video_start_token": "<|VIDEO_START|>", "video_end_token": "<|VIDEO_END|>"}
+    tokenizer = byte_tokenizer(specials)
+    tid = tokenizer.convert_tokens_to_ids
+    patch, merge = 14, 2
+    image_processor = Ernie4_5_VLMoeImageProcessorPil(
+        patch_size=patch, merge_size=merge,
+        size={"shortest_edge": (patch * merge) ** 2 * 4, "longest_edge": (patch * merge) ** 2 * 256})
+    processor = image_only(Ernie4_5_VLMoeProcessor)(image_processor=image_processor, tokenizer=tokenizer)
+    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=num_blocks,
+                num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=[16, 16], moe_num_experts=experts,
+                moe_k=top_k, moe_num_shared_experts=1, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]},
+                pad_token_id=tid(specials["pad_token"]), eos_token_id=tid(specials["eos_token"]),
+                bos_token_id=tid(specials["bos_token"]), tie_word_embeddings=False)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch,
+                  spatial_merge_size=merge, temporal_merge_size=2)
+    config = Ernie4_5_VLMoeConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=False,
+        **{f"{k}_id": tid(v) for k, v in specials.items() if k.startswith(("image", "video"))})
+    torch.manual_seed(seed)
+    model = Ernie4_5_VLMoeForConditionalGeneration(config)
+    _spread(model)
+    return model, processor
+
+
 def _spread(model) -> None:
     """Random weights wide enough that routers disagree between tokens and logits between configurations
     (at the default init every expert scores alike and a changed knob barely moves an answer)."""
@@ -173,7 +207,8 @@ def _spread(model) -> None:
                 p.normal_(0.0, 0.5 if name.endswith("gate.weight") else 0.1)
 
 
-BUILDERS = {"qwen3_vl_moe": qwen3_vl_moe, "glm4v_moe": glm4v_moe, "internvl": internvl, "aria": aria}
+BUILDERS = {"qwen3_vl_moe": qwen3_vl_moe, "glm4v_moe": glm4v_moe, "internvl": internvl, "aria": aria,
+            "ernie4_5_vl_moe": ernie4_5_vl_moe}
 
 
 def build(family: str, out: str | Path, seed: int = 0) -> Path:

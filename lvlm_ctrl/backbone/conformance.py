@@ -5,6 +5,8 @@ checkpoint; `python -m lvlm_ctrl.check` runs them on a user's checkpoint, on one
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from lvlm_ctrl.knobs import Knobs
@@ -42,18 +44,44 @@ def vision_tokens_per_tier(backbone, image, question) -> dict[str, int]:
     return {t: backbone.encode([image], [question], t).vision_tokens[0] for t in backbone.space.tiers}
 
 
+def expert_layers(hooks) -> list[tuple[int, torch.nn.Module]]:
+    """(block index, module) for every expert layer in the decoder blocks: the modules that run the
+    experts a token was routed to (transformers' MoE layers take `top_k_index`), found without the
+    family's adapter, so a router the adapter misses shows up as a count it did not set."""
+    found = []
+    for i, block in enumerate(hooks.blocks):
+        for module in block.modules():
+            try:
+                params = inspect.signature(module.forward).parameters
+            except (TypeError, ValueError):
+                continue
+            if "top_k_index" in params:
+                found.append((i, module))
+    return found
+
+
 @torch.inference_mode()
 def routed_experts(backbone, image, question, insertion: int = 2) -> dict[int, dict[int, set[int]]]:
-    """top_k -> {block: the numbers of experts its tokens were routed to}, counted by hooks on the routers."""
+    """top_k -> {block: the numbers of experts its tokens ran through}, counted at every expert layer
+    (the routers' outputs where a family's experts take no top_k_index)."""
     hooks, routed, out = backbone.hooks, {}, {}
 
     def count(i):
+        def hook(_module, args, kwargs):
+            indices = kwargs.get("top_k_index", args[1] if len(args) > 1 else None)
+            if indices is not None:
+                routed.setdefault(i, set()).add(indices.shape[-1])
+        return hook
+
+    def count_output(i):
         def hook(_module, _args, output):
             indices = output[-1] if isinstance(output, tuple) else output
             routed.setdefault(i, set()).add(indices.shape[-1])
         return hook
 
-    handles = [r.register_forward_hook(count(i)) for i, r in enumerate(hooks.routers) if r is not None]
+    layers = expert_layers(hooks)
+    handles = ([m.register_forward_pre_hook(count(i), with_kwargs=True) for i, m in layers] if layers else
+               [r.register_forward_hook(count_output(i)) for i, r in hooks.routers])
     try:
         for k in backbone.space.top_ks:
             routed.clear()
@@ -71,7 +99,7 @@ def state(backbone) -> tuple:
     hooks = backbone.hooks
     return ([id(b) for b in hooks.decoder.layers], [m.layer_idx for b in hooks.blocks for m in b.modules()
                                                     if hasattr(m, "layer_idx")],
-            [r.top_k if r is not None else None for r in hooks.routers], backbone.model.config.to_dict(),
+            [r.top_k for _, r in hooks.routers], backbone.model.config.to_dict(),
             {k: v.clone() for k, v in backbone.model.state_dict().items()})
 
 
@@ -85,7 +113,7 @@ def check(backbone, image, question, tolerance: float = 1e-4) -> dict:
     report = {"family": type(backbone.family).__name__, "max_logit_difference": logit_difference(
         backbone, [image], [question]), "generate_mismatches": generate_mismatches(backbone, [image], [question])}
     report["vision_tokens"] = vision_tokens_per_tier(backbone, image, question)
-    trained = max(t for t in backbone.hooks.default_top_k if t is not None)
+    trained = max(backbone.hooks.default_top_k)
     routed = routed_experts(backbone, image, question)
     report["routed_experts"] = {k: sorted(set().union(*[v for i, v in r.items() if i >= 2])) for k, r in routed.items()}
     failures = []

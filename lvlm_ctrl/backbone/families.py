@@ -41,17 +41,19 @@ class Family:
         raise UserError(f"cannot find the decoder blocks of {type(self.model).__name__}: this family needs an "
                         "adapter in lvlm_ctrl/backbone/families.py")
 
-    routers = ("mlp.gate", "mlp.router")
+    router_paths = ("mlp.gate", "mlp.router")
 
-    def router(self, block: nn.Module) -> nn.Module | None:
-        """The module whose `top_k` attribute the block's MoE layer reads at every call; None for a dense block."""
-        for path in self.routers:
+    def routers(self, block: nn.Module) -> list[nn.Module]:
+        """The modules whose `top_k` attribute the block's MoE layers read at every call (none for a
+        dense block; more than one where a block routes text and vision tokens apart)."""
+        found = []
+        for path in self.router_paths:
             module = block
             for part in path.split("."):
                 module = getattr(module, part, None)
             if module is not None and isinstance(getattr(module, "top_k", None), int):
-                return module
-        return None
+                found.append(module)
+        return found
 
     def pinned_blocks(self) -> set[int]:
         """Blocks that stay whatever num_blocks says (block 0 always does: the KV cache reads the length there)."""
@@ -150,6 +152,21 @@ class Aria(Family):
         return {"max_image_size": int(value)}
 
 
+class Ernie45VLMoe(DynamicResolution):
+    """ERNIE-4.5-VL-MoE: dynamic resolution (Qwen2-VL-style processor), multimodal rope, and two
+    routed expert sets per block, one for text tokens and one for vision tokens: top_k applies to
+    both. Its dense blocks (mlp_layer_types: the first) are pinned, as GLM-4.5V's."""
+
+    model_types = ("ernie4_5_vl_moe",)
+    processor_class = "Ernie4_5_VLMoeProcessor"
+    router_paths = ("mlp.text_moe.gate", "mlp.vision_moe.gate")
+    prompt = ("<|begin_of_sentence|>User: Picture 1:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>{question}\n"
+              "Assistant: ")
+
+    def pinned_blocks(self) -> set[int]:
+        return {0, *(i for i, t in enumerate(self.config.text_config.mlp_layer_types) if t == "dense")}
+
+
 class Llama4(Family):
     model_types = ("llama4",)
     refused = ("its experts run densely over every token (Llama4TextExperts multiplies all of them and zeroes "
@@ -162,7 +179,7 @@ class Gemma4(Family):
                "cannot apply from the insertion point on only")
 
 
-FAMILIES: list[type[Family]] = [Llava, Qwen3VLMoe, Glm4vMoe, InternVL, Aria, Llama4, Gemma4]
+FAMILIES: list[type[Family]] = [Llava, Qwen3VLMoe, Glm4vMoe, InternVL, Aria, Ernie45VLMoe, Llama4, Gemma4]
 
 
 def family_class(model_type: str) -> type[Family]:
@@ -179,6 +196,8 @@ def family_class(model_type: str) -> type[Family]:
 def image_only(processor_cls: type) -> type:
     """The family's processor without its video processor, whose class needs torchvision (no CPU wheel
     on PyPI): images only, which is all a VQA request has."""
+    from transformers import ProcessorMixin
+
     if "video_processor" not in inspect.signature(processor_cls.__init__).parameters:
         return processor_cls
 
@@ -189,6 +208,15 @@ def image_only(processor_cls: type) -> type:
                                    chat_template=chat_template, **kwargs)
             self.video_processor = None
 
+        def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+            # the base class's override may copy its video processor's files (ERNIE-4.5-VL: a font)
+            return ProcessorMixin.save_pretrained(self, save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    # the base class's own arguments (InternVL's image_seq_length...), which save_pretrained keeps only
+    # when __init__'s signature names them
+    sig = inspect.signature(processor_cls.__init__)
+    ImageOnly.__init__.__signature__ = sig.replace(
+        parameters=[p for p in sig.parameters.values() if p.name != "video_processor"])
     ImageOnly.__name__ = ImageOnly.__qualname__ = processor_cls.__name__
     return ImageOnly
 

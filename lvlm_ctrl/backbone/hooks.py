@@ -36,8 +36,9 @@ class KnobHooks:
         self.blocks = list(self.decoder.layers)
         self.num_layers = len(self.blocks)
         self.pinned = sorted(i for i in family.pinned_blocks() if i < self.num_layers)
-        self.routers = [family.router(b) for b in self.blocks]
-        self.default_top_k = [r.top_k if r is not None else None for r in self.routers]
+        # (block index, router) for every router: a block may have none (dense) or several
+        self.routers = [(i, r) for i, b in enumerate(self.blocks) for r in family.routers(b)]
+        self.default_top_k = [r.top_k for _, r in self.routers]
         self.ranking = list(ranking) if ranking is not None else list(range(self.num_layers))
         self._saved_types = getattr(self.decoder.config, "layer_types", None)
         if sorted(self.ranking) != list(range(self.num_layers)):
@@ -152,8 +153,8 @@ class KnobHooks:
         if not kept or kept[0] != 0:
             raise ValueError("block 0 must be kept: the KV cache reads the sequence length from it")
         config = self.decoder.config
-        for i, router in enumerate(self.routers):
-            if router is not None and top_k is not None and i >= top_k_from:
+        for i, router in self.routers:
+            if top_k is not None and i >= top_k_from:
                 router.top_k = top_k
         for new_idx, old_idx in enumerate(kept):
             for m in self.blocks[old_idx].modules():
@@ -167,9 +168,8 @@ class KnobHooks:
     def _restore(self, saved) -> None:
         saved_types, saved_idx = saved
         config = self.decoder.config
-        for i, router in enumerate(self.routers):
-            if router is not None:
-                router.top_k = self.default_top_k[i]
+        for (_, router), top_k in zip(self.routers, self.default_top_k):
+            router.top_k = top_k
         for b in self.blocks:
             for m in b.modules():
                 if id(m) in saved_idx:
