@@ -14,7 +14,7 @@ ENTRY_POINTS = sorted(p.stem for p in CONF.glob("*.yaml"))
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 REQUIRED = {("budget", "trace"): ["budget.path=budgets.txt"],  # options with a ??? value
             **{("model", m): ["model.path=/models/checkpoint"]
-               for m in ("qwen3_vl_moe", "glm4v_moe", "internvl", "aria")}}
+               for m in ("qwen3_vl_moe", "glm4v_moe", "internvl", "aria", "ernie4_5_vl_moe")}}
 NOT_FOR = {("infer", "controller", "oracle")}  # evaluation only: it reads the evaluated split's profile
 
 
