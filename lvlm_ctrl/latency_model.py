@@ -72,7 +72,23 @@ class LatencyModel:
         return self.predict(*(r[k] for k in KNOB_COLUMNS), r["vision_tokens"], r["text_tokens"], r["output_tokens"])
 
     def predict_frame(self, df: pd.DataFrame) -> np.ndarray:
-        return np.array([self.predict_record(r)["T_total_ms"] for r in df.to_dict("records")])
+        return self.predict_stages(df)["T_total_ms"]
+
+    def predict_stages(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Every stage's and the total's predicted latency for each record of df, one matmul per configuration."""
+        out = {s: np.zeros(len(df)) for s in [*STAGES, "T_total_ms"]}
+        if df.empty:
+            return out
+        for key, rows in df.groupby(KNOB_COLUMNS, sort=False).indices.items():
+            entry = self._entry(*key)
+            group = df.iloc[rows]
+            tokens = group["output_tokens"].to_numpy(float)
+            x = np.column_stack([np.ones(len(rows)), group["vision_tokens"].to_numpy(float),
+                                 group["text_tokens"].to_numpy(float), tokens])
+            for s in STAGES:
+                out[s][rows] = np.maximum(0.0, x @ np.array(entry["coefs"][s]))
+        out["T_total_ms"] = sum(out[s] for s in STAGES)
+        return out
 
     def to_dict(self) -> dict:
         return {"features": ["bias", *FEATURES], "stages": STAGES, "configs": self.configs, "tiers": self.tiers,

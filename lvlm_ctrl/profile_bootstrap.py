@@ -5,9 +5,12 @@
 A measured profile (latency timed at batch 1) costs a quarter of an hour per 200 questions here;
 answers at every configuration, batched with latency=predicted, cost a tenth of that. This joins
 the two: the records (answers, accuracy, token counts) of ANSWERS, with the latency columns of
-MEASURED at the same configuration: a sample's own where it was measured, otherwise those of a
-measured sample drawn at random (seeded), so the latency tails stay those of the machine. OUT is a
-profile like any other (train controller=lookup or grpo, profile_report).
+MEASURED at the same configuration: a sample's own where it was measured; otherwise a measured
+sample is drawn at random (seeded) and its residual against a latency model fitted on MEASURED
+(measured minus predicted, per stage) is added to what the model predicts for the sample's own
+vision, text and output token counts. So an unmeasured sample costs what its own tokens cost (a big
+image more than a small one, a long answer more than a short one) and the latency tails stay those
+of the machine. OUT is a profile like any other (train controller=lookup or grpo, profile_report).
 """
 
 from __future__ import annotations
@@ -45,6 +48,24 @@ def bootstrap(answers: pd.DataFrame, measured: pd.DataFrame, seed: int = 0) -> p
         r = out[gaps].iloc[0]
         raise UserError(f"{int(gaps.sum())} records have no measured latency (e.g. sample {r['donor']} at "
                         f"{tuple(r[c] for c in KNOB_COLUMNS)}): profile every configuration of the measured samples")
+    borrowed = (out["donor"] != out["sample_id"]).to_numpy()
+    if borrowed.any():
+        from lvlm_ctrl.latency_model import STAGES, LatencyModel
+
+        model = LatencyModel.fit(measured)
+        rows = out[borrowed]
+        donors = rows.drop(columns=["vision_tokens", "text_tokens", "output_tokens"]).merge(
+            measured[["sample_id", *KNOB_COLUMNS, "vision_tokens", "text_tokens", "output_tokens"]].rename(
+                columns={"sample_id": "donor"}), on=["donor", *KNOB_COLUMNS], how="left")
+        own, theirs = model.predict_stages(rows), model.predict_stages(donors)
+        total = out["T_total_ms"].to_numpy(float).copy()
+        total[borrowed] = 0.0
+        for stage in STAGES:
+            values = out[stage].to_numpy(float).copy()
+            values[borrowed] = np.maximum(0.0, rows[stage].to_numpy(float) - theirs[stage] + own[stage])
+            out[stage] = values
+            total[borrowed] += values[borrowed]
+        out["T_total_ms"] = total
     return out.assign(latency_source="measured-bootstrap")[SCHEMA.names]
 
 

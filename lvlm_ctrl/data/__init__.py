@@ -49,9 +49,12 @@ class VQADataset:
 
 def build_dataset(name: str, split: str = "test", limit: int | None = None, root: str | None = None,
                   seed: int = 0) -> VQADataset:
-    from lvlm_ctrl.data import easy_vqa, textvqa, vqav2
+    from functools import partial
 
-    loaders = {"easy_vqa": easy_vqa.load, "coco_2014_vqa": vqav2.load, "text_vqa": textvqa.load}
+    from lvlm_ctrl.data import easy_vqa, synth_vqa, textvqa, vqav2
+
+    loaders = {"easy_vqa": easy_vqa.load, "coco_2014_vqa": vqav2.load, "text_vqa": textvqa.load,
+               "synth_vqa": partial(synth_vqa.load, seed=seed)}
     if name not in loaders:
         raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(loaders)}")
     if limit is not None and (isinstance(limit, bool) or not str(limit).isdigit() or int(limit) <= 0):

@@ -1,0 +1,58 @@
+"""synth-VQA: generated deterministically, inputs that differ in size, every question family answerable."""
+
+import hashlib
+from collections import Counter
+
+from PIL import Image
+
+from lvlm_ctrl.data import build_dataset
+from lvlm_ctrl.data.synth_vqa import FAMILIES, family_of, generate, vocabulary
+from lvlm_ctrl.metrics import vqa_score
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_same_seed_same_dataset_other_seed_other(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        generate(tmp_path / name / "val", "val", seed, images=12)
+    a, b, c = (build_dataset("synth_vqa", split="val", root=str(tmp_path / n)).samples for n in "abc")
+    assert [(s.sample_id, s.question, s.answers) for s in a] == [(s.sample_id, s.question, s.answers) for s in b]
+    assert [digest(s.image_path) for s in a] == [digest(s.image_path) for s in b]
+    assert [digest(s.image_path) for s in a] != [digest(s.image_path) for s in c]
+
+
+def test_inputs_differ_and_every_family_is_asked(tmp_path):
+    generate(tmp_path / "test", "test", 0, images=40)
+    samples = build_dataset("synth_vqa", split="test", root=str(tmp_path)).samples
+    assert len(samples) == 120
+    families = Counter(family_of(s.sample_id) for s in samples)
+    assert set(families) == set(FAMILIES) and max(families.values()) - min(families.values()) <= 1
+    sizes = {Image.open(s.image_path).size for s in samples}
+    pixels = sorted(w * h for w, h in sizes)
+    assert len(sizes) >= 15 and pixels[-1] >= 4 * pixels[0]  # many sizes, a wide spread of vision tokens
+    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
+    lengths = {len(s.answers[0].split()) for s in samples if family_of(s.sample_id) == "order"}
+    assert lengths >= {2, 3}  # answers of several lengths
+    words = set(vocabulary())
+    for s in samples:
+        assert set(s.question.rstrip("?").split()) <= words
+        assert vqa_score(s.answers[0], list(s.answers)) == 1.0
+
+
+def test_answers_match_the_drawn_scene(tmp_path):
+    """The colour named by a colour question is drawn in the image; a digit answer is a single digit."""
+    from lvlm_ctrl.data.synth_vqa import COLORS, NUMBER_WORDS
+
+    generate(tmp_path / "val", "val", 0, images=30)
+    for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples:
+        family = family_of(s.sample_id)
+        if family == "colour":
+            pixels = set(Image.open(s.image_path).convert("RGB").getdata())
+            assert COLORS[s.answers[0]] in pixels
+        elif family == "digit":
+            assert s.answers[0].isdigit() and len(s.answers[0]) == 1
+            assert vqa_score(NUMBER_WORDS[int(s.answers[0])], list(s.answers)) == 1.0
+        elif family == "yesno":
+            assert s.answers == ("yes",) or s.answers == ("no",)
