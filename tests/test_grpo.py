@@ -263,41 +263,51 @@ def synthetic_p95(space) -> torch.Tensor:
     return lat.masked_fill(~valid, float("nan"))
 
 
-@pytest.mark.parametrize("guarded", [False, True])
-def test_serving_decides_as_the_policy_does(backbone, easy_samples, guarded):
+@pytest.mark.parametrize("guarded,image_size", [(False, False), (True, False), (False, True)])
+def test_serving_decides_as_the_policy_does(backbone, easy_samples, guarded, image_size):
     """GRPOController.serve (numpy kernel inside the serving forward pass) takes the policy's greedy
     decision for the same question, budget and latency token, at budgets that lead to different tiers;
     guarded, both choose only configurations whose p95 fits (the fastest when none does), and the
-    guard changes some decisions."""
+    guard changes some decisions. With controller.image_size, stage 1 reads the image's size too
+    (images resized here so that it changes decisions)."""
     from lvlm_ctrl.grpo.env import language_features
-    from lvlm_ctrl.grpo.policy import fitting
+    from lvlm_ctrl.grpo.policy import fitting, image_size_features
 
     space = backbone.space
     torch.manual_seed(7)
     d = backbone.model.get_input_embeddings().weight.shape[1]
-    policy = TwoStagePolicy(space, d_model=d, hidden=32).eval()
+    policy = TwoStagePolicy(space, d_model=d, hidden=32, image_size=image_size).eval()
     with torch.no_grad():
         for p in policy.parameters():
             p.mul_(3)
+        policy.stage1[0].weight[:, d:d + policy.n_input] *= 30  # the two size features weigh like the question's d
     p95 = synthetic_p95(space) if guarded else None
     ctl = bound_controller(backbone, policy, p95)
     tiers, changed = set(), 0
-    for s in easy_samples[:3]:
+    sizes = set()
+    for i, s in enumerate(easy_samples[:3]):
+        image = s.load_image().resize([(64, 64), (512, 128), (96, 640)][i]) if image_size else s.load_image()
         lang = language_features(backbone, [s.question])
+        if image_size:
+            lang = torch.cat([lang, image_size_features([image.size])], dim=-1)
         for budget in (5.0, 20.0, 80.0, 300.0, 2000.0):
-            gen, overhead = ctl.serve(backbone, s.question, s.load_image(), budget)
+            gen, overhead = ctl.serve(backbone, s.question, image, budget)
             tokens = gen.latency_token.reshape(1, 1, 1, -1).expand(1, len(space.tiers), len(space.insertions), d)
             b = torch.tensor([budget])
             fits = fitting(p95, b) if guarded else None
             want = policy.act(lang, tokens.float(), b, greedy=True, fits=fits)
             assert gen.knobs == want.knobs(space)[0] and overhead > 0
             tiers.add(gen.knobs.tier)
+            if image_size:  # the same question at another image size
+                other = torch.cat([lang[:, :d], image_size_features([(64, 64)])], dim=-1)
+                sizes.add(gen.knobs != policy.act(other, tokens.float(), b, greedy=True).knobs(space)[0])
             if guarded:
                 chosen = p95[want.tier, want.insertion, want.top_k, want.num_blocks].item()
                 assert chosen <= budget or chosen == p95.nan_to_num(float("inf")).min().item()
                 changed += want.knobs(space) != policy.act(lang, tokens.float(), b, greedy=True).knobs(space)
     assert len(tiers) > 1  # the budget reaches the decision
     assert not guarded or changed > 0
+    assert not image_size or True in sizes  # the image's size reaches the decision
     assert len(ctl.questions) == len({s.question for s in easy_samples[:3]})  # later budgets hit the cache
 
 

@@ -26,7 +26,9 @@ class ArgmaxKernel:
     def __init__(self, policy: TwoStagePolicy, d_model: int, p95_ms: torch.Tensor | None = None):
         self.policy, self.d, self.p95 = policy, d_model, p95_ms
         s1, s2 = policy.stage1, policy.stage2
+        self.n_input = n_in = policy.n_input
         self.w1 = (_np(s1[0].weight[:, :d_model]), _np(s1[2].weight), _np(s1[4].weight))
+        self.w_size = _np(s1[0].weight[:, d_model:d_model + n_in]) if n_in else None
         self.b1 = (_np(s1[2].bias), _np(s1[4].bias))
         self.w2 = (_np(s2[0].weight[:, :d_model]), _np(s2[2].weight), _np(s2[4].weight))
         self.b2 = (_np(s2[2].bias), _np(s2[4].bias))
@@ -55,7 +57,7 @@ class ArgmaxKernel:
                 masks = tuple(np.where(ok.numpy(), np.float32(0), np.float32(MASKED)) for ok in (
                     fits.flatten(1).any(-1), fits.flatten(2).any(-1), fits.flatten(0, 1).any(-1), fits.flatten(0, 1)))
             cached = self._budget[budget_ms] = (
-                _np(l1.bias + l1.weight[:, d:] @ feat),
+                _np(l1.bias + l1.weight[:, d + self.n_input:] @ feat),
                 _np(l2.bias + l2.weight[:, d:d + feat.numel()] @ feat) + self.decision_bias, masks)
         return cached
 
@@ -78,10 +80,13 @@ class ArgmaxKernel:
         first *= np.float32(1.0 / n_tokens)
         return first
 
-    def stage1(self, question_feature: np.ndarray, budget_ms: float) -> tuple[int, int]:
-        """question_feature: language(...) of the request's question (read, never written: cached)."""
+    def stage1(self, question_feature: np.ndarray, budget_ms: float, size: np.ndarray | None = None) -> tuple[int, int]:
+        """question_feature: language(...) of the request's question (read, never written: cached);
+        size: the image's image_size_features when the policy reads them."""
         bias, _, masks = self.budget_bias(budget_ms)
         first = np.add(question_feature, bias, out=self._first)
+        if self.w_size is not None:
+            first += self.w_size @ size
         out = self._hidden(first, self.w1, self.b1)
         tiers = out[: self.n_tier]
         if masks is not None:

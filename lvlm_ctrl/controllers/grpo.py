@@ -123,7 +123,9 @@ class GRPOController:
         if lang is None:
             lang = remember(self.questions, question, self.question_cache,
                             self.kernel.language(*language_sum(backbone, question, self.embeddings)))
-        tier_i, ins_i = self.kernel.stage1(lang, budget_ms)
+        # grpo.policy.image_size_features, in numpy: a torch call costs more than the arithmetic
+        size = np.log2(np.maximum(np.array(image.size, np.float32), 1.0) / 256.0) if self.policy.n_input else None
+        tier_i, ins_i = self.kernel.stage1(lang, budget_ms, size)
         space = self.policy.space
         p = space.insertions[ins_i]
         options = space.num_blocks_options(p)

@@ -23,6 +23,14 @@ class VQASample:
     def load_image(self) -> Image.Image:
         return load_image(self.image_path)
 
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) from the file's header, without decoding the image."""
+        try:
+            with Image.open(self.image_path) as img:
+                return img.size
+        except (FileNotFoundError, UnidentifiedImageError, OSError):
+            return load_image(self.image_path).size  # the same one-line error as loading it
+
 
 def load_image(path: str | Path) -> Image.Image:
     try:

@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from lvlm_ctrl.grpo.env import budget_token_latency_tokens, language_features, latency_tokens, prompt_states
 from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
-from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy, fitting
+from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy, fitting, image_size_features
 from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
 from lvlm_ctrl.knobs import KnobSpace
 
@@ -35,7 +35,7 @@ class GRPOModule(L.LightningModule):
                  kl_coef: float = 0.0, entropy_coef: float = 0.05, num_iterations: int = 1,
                  scale_rewards: str = "none", stage2_warmup_steps: int = 0, hidden: int = 256, budget_dim: int = 256,
                  budget_token: bool = False, val_num_budgets: int = 10, val_max_violation: float = 0.05,
-                 guard: bool = True, reward: dict | None = None):
+                 guard: bool = True, image_size: bool = False, reward: dict | None = None):
         """backbone and budgets: for training (a Budgets of grpo/budgets.py); without them (serving, or
         load_from_checkpoint) the policy is built from `space` and `d_model`."""
         super().__init__()
@@ -52,10 +52,10 @@ class GRPOModule(L.LightningModule):
             "clip_eps": clip_eps, "kl_coef": kl_coef, "entropy_coef": entropy_coef, "num_iterations": num_iterations,
             "scale_rewards": scale_rewards, "stage2_warmup_steps": stage2_warmup_steps, "hidden": hidden,
             "budget_dim": budget_dim, "budget_token": bool(budget_token), "val_num_budgets": val_num_budgets,
-            "val_max_violation": val_max_violation, "guard": bool(guard), "reward": reward})
+            "val_max_violation": val_max_violation, "guard": bool(guard), "image_size": bool(image_size), "reward": reward})
         knob_space = KnobSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
         self.policy = TwoStagePolicy(knob_space, d_model=int(d_model), budget_dim=budget_dim, hidden=hidden,
-                                     budget_token=budget_token)
+                                     budget_token=budget_token, image_size=image_size)
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False) if kl_coef else None
         self.backbone, self.budgets = backbone, budgets  # not submodules: frozen or stateless, never saved
         self.reward = RewardConfig(**reward)
@@ -92,7 +92,10 @@ class GRPOModule(L.LightningModule):
                         "config_p95_ms": self.env.p95.tolist()}
         questions = [s.question for s in data.samples]
         # clone: tensors made under inference_mode cannot be module buffers that DDP broadcasts
-        self.register_buffer("lang", language_features(self.backbone, questions).clone(), persistent=False)
+        lang = language_features(self.backbone, questions)
+        if self.policy.n_input:  # the image's size, read from the file's header
+            lang = torch.cat([lang, image_size_features(s.image_size() for s in data.samples)], dim=-1)
+        self.register_buffer("lang", lang.clone(), persistent=False)
         if self.policy.budget_token is not None:  # the latency token depends on the budget: keep prompt states
             self.prompt_states = [tuple(t.clone() for t in tier) for tier in prompt_states(self.backbone, data.samples)]
             tokens = torch.empty(0)

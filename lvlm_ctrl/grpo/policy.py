@@ -18,6 +18,12 @@ from torch.distributions import Categorical
 from lvlm_ctrl.knobs import Knobs, KnobSpace
 
 MASKED = -1e9
+IMAGE_SIZE_FEATURES = 2
+
+
+def image_size_features(sizes) -> torch.Tensor:
+    """(B, 2): log2 of an image's width and height over 256 px, from (width, height) pairs."""
+    return torch.log2(torch.tensor([[float(w), float(h)] for w, h in sizes]).clamp(min=1.0) / 256.0)
 HEADS = ("tier", "insertion", "top_k", "num_blocks")
 STAGE2 = ("top_k", "num_blocks")
 
@@ -70,9 +76,12 @@ class Decision:
 
 class TwoStagePolicy(nn.Module):
     def __init__(self, space: KnobSpace, d_model: int, budget_dim: int = 256, hidden: int = 256,
-                 budget_token: bool = False):
+                 budget_token: bool = False, image_size: bool = False):
         super().__init__()
         self.space = space
+        # controller.image_size: stage 1 also reads the image's size (image_size_features), known
+        # before the vision encoder runs; inputs of the same question then cost different vision tokens
+        self.n_input = IMAGE_SIZE_FEATURES if image_size else 0
         self.budget = BudgetEncoding(budget_dim)
         # controller.budget_token: the budget as one more input token, whose hidden state after
         # block p-1 is stage 2's latency token (KnobHooks.probe), so blocks [0, p) read the image and
@@ -80,7 +89,7 @@ class TwoStagePolicy(nn.Module):
         self.budget_token = nn.Linear(budget_dim, d_model) if budget_token else None
         # insertion logits per tier: the best p depends on the tier (at a tight budget only p=1,
         # which allows the fewest blocks, fits the medium tier, while any p fits the low one)
-        self.stage1 = mlp(d_model + budget_dim, hidden, len(space.tiers) * (1 + len(space.insertions)))
+        self.stage1 = mlp(d_model + self.n_input + budget_dim, hidden, len(space.tiers) * (1 + len(space.insertions)))
         # stage 2 sees stage 1's decision (tier, p) as an embedding: the latency token hardly encodes
         # the tier (nearest-centroid accuracy 36-41% over 3 tiers, test split), yet the top_k and
         # num_blocks that fit a budget depend on it
@@ -98,7 +107,8 @@ class TwoStagePolicy(nn.Module):
 
     # ---- logits ------------------------------------------------------------------------
     def stage1_logits(self, lang: torch.Tensor, budget_feat: torch.Tensor):
-        """-> tier logits (B, tiers) and insertion logits per tier (B, tiers, P)."""
+        """lang: the question feature (B, d_model), then the image's size features when the policy reads
+        them (B, d_model + n_input). -> tier logits (B, tiers) and insertion logits per tier (B, tiers, P)."""
         out = self.stage1(torch.cat([lang, budget_feat], dim=-1))
         return out[:, : self.n_tier], out[:, self.n_tier:].reshape(len(out), self.n_tier, -1)
 
