@@ -47,7 +47,7 @@ def check_checkpoint(path) -> None:
 
 
 def train_lookup(cfg: DictConfig, controller, data) -> float:
-    table = controller.fit(data.profile())
+    table = controller.fit(data.profile(), data.dataset.samples)
     table.validate(data.backbone.space, data.source)
     out = table.save(Path(cfg.paths.output_dir) / "lookup_table.json")
     stats = table.get_statistics()

@@ -221,3 +221,46 @@ def test_mismatched_table_and_empty_profile_fail_the_cli(tmp_path):
     proc = run_cli("lvlm_ctrl.train", "controller=lookup", f"profile.path={empty}", f"hydra.run.dir={tmp_path / 'tr'}")
     assert proc.returncode == 2 and "is empty" in error_line(proc)
     assert not (tmp_path / "tr" / "lookup_table.json").exists()
+
+
+def test_grouped_tables_decide_per_input_group(tmp_path):
+    """group_by=family_size (the structured oracle's grouping): digit questions need the high tier and
+    colour questions do not; large images cost more. Each group's table picks that group's best
+    configuration that fits, a group the profile never saw gets the pooled table's, and the groups
+    survive save / load."""
+    from PIL import Image
+
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    Image.new("RGB", (128, 128)).save(small)
+    Image.new("RGB", (640, 480)).save(large)
+    samples = [VQASample(f"val-{i:05d}-{fam}", str(large if i % 2 else small), "q?", ("a",))
+               for i, fam in enumerate(["digit", "digit", "colour", "colour"] * 5)]
+    rows = []
+    for s in samples:
+        fam, big = s.sample_id.rsplit("-", 1)[1], s.image_path == str(large)
+        for knobs in [Knobs("low", 1, 4, 12), Knobs("high", 1, 4, 12)]:
+            hi = knobs.tier == "high"
+            acc = 1.0 if (hi or fam == "colour") else 0.0
+            lat = (30.0 if hi else 10.0) * (2.0 if big else 1.0)
+            rows.append({"dataset": "synth_vqa", "sample_id": s.sample_id, **knobs.as_dict(), "accuracy": acc,
+                         "T_total_ms": lat})
+    ctl = LookupController(build={"latency_quantile": 0.95, "group_by": "family_size"})
+    table = ctl.fit(pd.DataFrame(rows), samples)
+    assert {n for n in table.tables if n.startswith("group:")} == {
+        "group:digit/small", "group:digit/large", "group:colour/small", "group:colour/large"}
+    by_id = {s.sample_id: s for s in samples}
+    decide = lambda sid, budget: ctl.decide(by_id[sid], budget).tier  # noqa: E731
+    assert decide("val-00000-digit", 35.0) == "high"     # small image: the high tier fits at 30 ms
+    assert decide("val-00001-digit", 35.0) == "low"      # large: 60 ms does not fit, low is what fits
+    assert decide("val-00002-colour", 35.0) == "low"     # colour: low is as accurate and cheaper first
+    assert decide("val-00001-digit", 70.0) == "high"
+    pooled = LookupController(build={"latency_quantile": 0.95})
+    pooled.fit(pd.DataFrame(rows))
+    assert pooled.decide(by_id["val-00000-digit"], 35.0).tier == "low"  # the pool's p95 of high is 60 ms
+    path = table.save(tmp_path / "table.json")
+    loaded = LookupController(table=str(path)).bind(type("B", (), {"space": KnobSpace()})())
+    assert loaded.decide(by_id["val-00000-digit"], 35.0).tier == "high"
+    stranger = VQASample("val-00099-count", str(small), "q?", ("a",))  # a family it never saw
+    assert loaded.decide(stranger, 35.0).tier == pooled.decide(stranger, 35.0).tier
+    with pytest.raises(UserError, match="no input group"):
+        LookupController(build={"group_by": "size"}).fit(pd.DataFrame(rows), samples[:3])

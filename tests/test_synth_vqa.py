@@ -6,7 +6,8 @@ from collections import Counter
 from PIL import Image
 
 from lvlm_ctrl.data import build_dataset
-from lvlm_ctrl.data.synth_vqa import FAMILIES, family_of, generate, vocabulary
+from lvlm_ctrl.data import question_family as family_of
+from lvlm_ctrl.data.synth_vqa import FAMILIES, generate, vocabulary
 from lvlm_ctrl.metrics import vqa_score
 
 

@@ -9,7 +9,9 @@ for a budget, the most accurate configuration whose latency fits, else the close
 Aggregation (the seed's): `mean`; `median` (latency median; accuracy stays the mean, since the
 median of 0/1 scores says nothing); `max_accuracy` (the best sample's accuracy and that sample's
 latency: optimistic). Beyond the seed: `latency_quantile` (e.g. 0.9: a configuration fits when 90%
-of its requests did, which keeps violations near 10%), per-dataset tables, incremental `update`,
+of its requests did, which keeps violations near 10%), per-dataset tables, tables per input group
+(`group_by`: the image's size class, the question's family or both: with both and the val profile
+it is the structured oracle of the yardsticks), incremental `update`,
 validation on load, O(log n) queries by bisection over latency with a prefix argmax.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lvlm_ctrl.data import input_group
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_json
 from lvlm_ctrl.knobs import Knobs
@@ -30,6 +33,7 @@ from lvlm_ctrl.profiling import KNOB_COLUMNS, robust_quantile
 
 AGGREGATIONS = ("mean", "median", "max_accuracy")
 ALL = "all"
+GROUP = "group:"  # tables per input group are named GROUP + the group
 ENTRY_KEYS = {"tier", "insertion", "top_k", "num_active_blocks", "accuracy", "latency", "num_samples",
               "accuracy_std", "latency_std"}
 
@@ -72,7 +76,10 @@ class LookupTable:
     # ---- building ----------------------------------------------------------------------
     @classmethod
     def build(cls, df: pd.DataFrame, aggregation: str = "mean", tolerance: float = 0.0,
-              latency_quantile: float | None = None, datasets: list[str] | None = None) -> LookupTable:
+              latency_quantile: float | None = None, datasets: list[str] | None = None,
+              group_by: str | None = None, groups: dict[str, str] | None = None) -> LookupTable:
+        """groups: sample id -> its input group (data.input_group by `group_by`): one table per group
+        beside the pooled one, for a controller that tells the groups apart before deciding."""
         if df.empty:
             raise UserError("cannot build a lookup table from an empty profile")
         if datasets:
@@ -80,8 +87,16 @@ class LookupTable:
             if unknown:
                 raise UserError(f"datasets {sorted(unknown)} are not in the profile (it has {sorted(set(df['dataset']))})")
             df = df[df["dataset"].isin(datasets)]
-        options = {"aggregation": aggregation, "tolerance": tolerance, "latency_quantile": latency_quantile}
+        options = {"aggregation": aggregation, "tolerance": tolerance, "latency_quantile": latency_quantile,
+                   "group_by": group_by}
         cols = ["dataset", "sample_id", *KNOB_COLUMNS, "accuracy", "T_total_ms"]
+        if group_by:
+            missing = set(df["sample_id"]) - set(groups or {})
+            if missing:
+                raise UserError(f"group_by={group_by}: no input group for {len(missing)} profiled samples (e.g. "
+                                f"{sorted(missing)[0]}); build the table with the profile's own dataset")
+            df = df.assign(group=df["sample_id"].map(groups))
+            cols.append("group")
         return cls._from_records(df[cols].to_dict("records"), options)
 
     @classmethod
@@ -95,11 +110,15 @@ class LookupTable:
         tables = {ALL: agg(df)}
         if df["dataset"].nunique() > 1:
             tables.update({name: agg(g) for name, g in df.groupby("dataset")})
+        if "group" in df:
+            tables.update({GROUP + name: agg(g) for name, g in df.groupby("group")})
         return cls(tables, options, records)
 
     def update(self, df: pd.DataFrame) -> LookupTable:
         """A new table with `df`'s records added (a re-profiled sample replaces its old records)."""
         cols = ["dataset", "sample_id", *KNOB_COLUMNS, "accuracy", "T_total_ms"]
+        if self.options.get("group_by"):
+            raise UserError("update a grouped lookup table by building it again from the whole profile")
         merged = pd.concat([pd.DataFrame(self.records), df[cols]], ignore_index=True)
         merged = merged.drop_duplicates(["dataset", "sample_id", *KNOB_COLUMNS], keep="last")
         return self._from_records(merged.to_dict("records"), self.options)
@@ -116,7 +135,9 @@ class LookupTable:
         return order, lats, best
 
     # ---- queries -----------------------------------------------------------------------
-    def _table(self, dataset: str | None):
+    def _table(self, dataset: str | None, group: str | None = None):
+        if group is not None and GROUP + group in self._index:
+            return self._index[GROUP + group]  # a group the profile never saw: the pooled table
         name = dataset or ALL
         if name not in self._index:
             # a single-dataset table answers for that dataset under its own name too
@@ -127,9 +148,10 @@ class LookupTable:
                 raise UserError(f"no lookup table for dataset {dataset!r}: have {sorted(self._index)}")
         return self._index[name]
 
-    def predict(self, latency_budget, return_all_candidates: bool = False, dataset: str | None = None):
+    def predict(self, latency_budget, return_all_candidates: bool = False, dataset: str | None = None,
+                group: str | None = None):
         budget = check_budget(latency_budget)
-        order, lats, best = self._table(dataset)
+        order, lats, best = self._table(dataset, group)
         limit = budget * (1 + self.tolerance)
         fit = bisect.bisect_right(lats, limit)
         if return_all_candidates:
@@ -209,9 +231,13 @@ class LookupController:
         self.table_path, self.dataset, self.build_options = table, dataset, dict(build or {})
         self.table: LookupTable | None = None
         self.calibration = None  # evaluate / infer set it (calibration.py)
+        self.groups: dict[str, str | None] = {}  # sample id -> input group, as requests come
 
-    def fit(self, profile_df: pd.DataFrame) -> LookupTable:
-        self.table = LookupTable.build(profile_df, **self.build_options)
+    def fit(self, profile_df: pd.DataFrame, samples=()) -> LookupTable:
+        """samples: the profiled VQASamples (their ids and image sizes give the input groups)."""
+        by = self.build_options.get("group_by")
+        groups = {s.sample_id: input_group(s.sample_id, s.image_size(), by) for s in samples} if by else None
+        self.table = LookupTable.build(profile_df, **self.build_options, groups=groups)
         return self.table
 
     def bind(self, backbone) -> LookupController:
@@ -242,7 +268,12 @@ class LookupController:
 
     def decide(self, sample, budget_ms) -> Knobs:
         budget = self.calibration.profiled_budget(budget_ms) if self.calibration is not None else budget_ms
-        c = self.table.predict(budget, dataset=self.dataset)
+        group = None
+        if by := self.table.options.get("group_by"):
+            group = self.groups.get(sample.sample_id)
+            if group is None:
+                group = self.groups[sample.sample_id] = input_group(sample.sample_id, sample.image_size(), by)
+        c = self.table.predict(budget, dataset=self.dataset, group=group)
         self.fits = c["within_budget"]
         return Knobs(c["tier"], c["insertion"], c["top_k"], c["num_active_blocks"])
 

@@ -42,6 +42,31 @@ def load_image(path: str | Path) -> Image.Image:
         raise UserError(f"unreadable image {path} ({err.__class__.__name__}); replace or remove the file") from None
 
 
+def size_class(width: int, height: int) -> str:
+    """small / medium / large by pixel count: what a controller knows of an image before encoding it."""
+    pixels = width * height
+    return "small" if pixels < 192 * 192 else "medium" if pixels < 384 * 384 else "large"
+
+
+def question_family(sample_id: str) -> str:
+    """The question family a sample id names (synth_vqa: `test-00042-digit`), else "any"."""
+    from lvlm_ctrl.data.synth_vqa import FAMILIES
+
+    tail = str(sample_id).rsplit("-", 1)[-1]
+    return tail if tail in FAMILIES else "any"
+
+
+def input_group(sample_id: str, size: tuple[int, int], by: str | None) -> str | None:
+    """The group of inputs a controller can tell apart before deciding: `by` = size (the image's size
+    class), family (the question's family) or family_size (both); None = one group."""
+    if not by:
+        return None
+    if by not in ("size", "family", "family_size"):
+        raise UserError(f"group_by={by!r}: choose size, family, family_size or null")
+    parts = ([question_family(sample_id)] if "family" in by else []) + ([size_class(*size)] if "size" in by else [])
+    return "/".join(parts)
+
+
 class VQADataset:
     """A list of samples with a name and split; indexable, so it also serves a torch DataLoader."""
 

@@ -72,11 +72,6 @@ def generate(out: Path, split: str, seed: int, images: int | None = None) -> Non
     atomic_write_json(out / "manifest.json", {"split": split, "seed": seed, "samples": rows})
 
 
-def family_of(sample_id: str) -> str:
-    """The question family a sample id names (`test-00042-digit` -> digit)."""
-    return sample_id.rsplit("-", 1)[-1]
-
-
 class Scene:
     """Objects side by side on a plain background, and a small box with a digit in a free corner."""
 
@@ -167,10 +162,4 @@ def vocabulary() -> list[str]:
              "written", "in", "box", "how", "many", "shapes", "are", "there", "colors", "from", "to", "yes",
              "no", "a", *COLORS, *SHAPES, *NUMBER_WORDS, *map(str, range(10))}
     return sorted(words)
-
-
-def size_class(width: int, height: int) -> str:
-    """small / medium / large by pixel count (what a controller knows of an image before encoding it)."""
-    pixels = width * height
-    return "small" if pixels < 160 * 160 else "medium" if pixels < 320 * 320 else "large"
 
