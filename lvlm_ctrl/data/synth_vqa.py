@@ -81,11 +81,13 @@ class Scene:
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> Scene:
-        # sides 128-640 px in steps of 32, aspect ratio within [1/2, 2]: a dynamic-resolution model
-        # spends between ~20 and ~400 vision tokens on these at full resolution
+        # area log-uniform from 128^2 to 640^2 px (small, medium and large images about equally
+        # common), aspect ratio log-uniform in [1/2, 2], sides multiples of 32 within 128-640: a
+        # dynamic-resolution model spends between ~20 and ~400 vision tokens on these at full resolution
         while True:
-            width, height = (int(x) * 32 for x in rng.integers(4, 21, size=2))
-            if 0.5 <= width / height <= 2.0:
+            area, aspect = np.exp(rng.uniform(np.log(128 ** 2), np.log(640 ** 2))), np.exp(rng.uniform(-0.7, 0.7))
+            width, height = (int(round(np.sqrt(area * r) / 32)) * 32 for r in (aspect, 1 / aspect))
+            if 128 <= min(width, height) and max(width, height) <= 640 and 0.5 <= width / height <= 2.0:
                 break
         n = int(rng.integers(2, 5))
         combos = [(c, s) for c in COLORS for s in SHAPES]
