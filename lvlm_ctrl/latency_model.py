@@ -82,9 +82,7 @@ class LatencyModel:
         for key, rows in df.groupby(KNOB_COLUMNS, sort=False).indices.items():
             entry = self._entry(*key)
             group = df.iloc[rows]
-            tokens = group["output_tokens"].to_numpy(float)
-            x = np.column_stack([np.ones(len(rows)), group["vision_tokens"].to_numpy(float),
-                                 group["text_tokens"].to_numpy(float), tokens])
+            x = np.column_stack([np.ones(len(rows))] + [group[f].to_numpy(float) for f in FEATURES])
             for s in STAGES:
                 out[s][rows] = np.maximum(0.0, x @ np.array(entry["coefs"][s]))
         out["T_total_ms"] = sum(out[s] for s in STAGES)

@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_bytes, check_writable
+from lvlm_ctrl.latency_model import FEATURES, STAGES, LatencyModel
 from lvlm_ctrl.profiling import KNOB_COLUMNS, SCHEMA, read_profile, with_optional_columns
 
 LATENCY = ["T_vision_ms", "T_prefill_ms", "T_decode_ms", "T_total_ms", "device", "retimed"]
+DONOR = "donor_"
 
 
 def bootstrap(answers: pd.DataFrame, measured: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
@@ -40,7 +42,9 @@ def bootstrap(answers: pd.DataFrame, measured: pd.DataFrame, seed: int = 0) -> p
     ids = sorted(set(answers["sample_id"]))
     drawn = rng.choice(sorted(own), size=len(ids))
     donor = {s: s if s in own else d for s, d in zip(ids, drawn)}
-    lat = measured[["sample_id", *KNOB_COLUMNS, *LATENCY]].rename(columns={"sample_id": "donor"})
+    # the donor's token counts come along: its residual is taken against its own tokens
+    lat = measured[["sample_id", *KNOB_COLUMNS, *LATENCY, *FEATURES]].rename(
+        columns={"sample_id": "donor", **{f: DONOR + f for f in FEATURES}})
     out = answers.drop(columns=LATENCY).assign(donor=answers["sample_id"].map(donor))
     out = out.merge(lat, on=["donor", *KNOB_COLUMNS], how="left", validate="many_to_one")
     gaps = out["T_total_ms"].isna()
@@ -50,22 +54,14 @@ def bootstrap(answers: pd.DataFrame, measured: pd.DataFrame, seed: int = 0) -> p
                         f"{tuple(r[c] for c in KNOB_COLUMNS)}): profile every configuration of the measured samples")
     borrowed = (out["donor"] != out["sample_id"]).to_numpy()
     if borrowed.any():
-        from lvlm_ctrl.latency_model import STAGES, LatencyModel
-
         model = LatencyModel.fit(measured)
         rows = out[borrowed]
-        donors = rows.drop(columns=["vision_tokens", "text_tokens", "output_tokens"]).merge(
-            measured[["sample_id", *KNOB_COLUMNS, "vision_tokens", "text_tokens", "output_tokens"]].rename(
-                columns={"sample_id": "donor"}), on=["donor", *KNOB_COLUMNS], how="left")
-        own, theirs = model.predict_stages(rows), model.predict_stages(donors)
-        total = out["T_total_ms"].to_numpy(float).copy()
-        total[borrowed] = 0.0
+        own = model.predict_stages(rows)
+        theirs = model.predict_stages(rows[KNOB_COLUMNS + [DONOR + f for f in FEATURES]].rename(
+            columns={DONOR + f: f for f in FEATURES}))
         for stage in STAGES:
-            values = out[stage].to_numpy(float).copy()
-            values[borrowed] = np.maximum(0.0, rows[stage].to_numpy(float) - theirs[stage] + own[stage])
-            out[stage] = values
-            total[borrowed] += values[borrowed]
-        out["T_total_ms"] = total
+            out.loc[borrowed, stage] = np.maximum(0.0, rows[stage].to_numpy(float) - theirs[stage] + own[stage])
+        out.loc[borrowed, "T_total_ms"] = out.loc[borrowed, STAGES].sum(axis=1)
     return out.assign(latency_source="measured-bootstrap")[SCHEMA.names]
 
 

@@ -289,7 +289,7 @@ def test_serving_decides_as_the_policy_does(backbone, easy_samples, guarded, ima
         image = s.load_image().resize([(64, 64), (512, 128), (96, 640)][i]) if image_size else s.load_image()
         lang = language_features(backbone, [s.question])
         if image_size:
-            lang = torch.cat([lang, image_size_features([image.size])], dim=-1)
+            lang = torch.cat([lang, torch.from_numpy(image_size_features([image.size]))], dim=-1)
         for budget in (5.0, 20.0, 80.0, 300.0, 2000.0):
             gen, overhead = ctl.serve(backbone, s.question, image, budget)
             tokens = gen.latency_token.reshape(1, 1, 1, -1).expand(1, len(space.tiers), len(space.insertions), d)
@@ -299,7 +299,7 @@ def test_serving_decides_as_the_policy_does(backbone, easy_samples, guarded, ima
             assert gen.knobs == want.knobs(space)[0] and overhead > 0
             tiers.add(gen.knobs.tier)
             if image_size:  # the same question at another image size
-                other = torch.cat([lang[:, :d], image_size_features([(64, 64)])], dim=-1)
+                other = torch.cat([lang[:, :d], torch.from_numpy(image_size_features([(64, 64)]))], dim=-1)
                 sizes.add(gen.knobs != policy.act(other, tokens.float(), b, greedy=True).knobs(space)[0])
             if guarded:
                 chosen = p95[want.tier, want.insertion, want.top_k, want.num_blocks].item()

@@ -50,7 +50,7 @@ def qwen3_vl_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: 
     patch, merge = 16, 2
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=patch, merge_size=merge, temporal_patch_size=2,
-        size={"shortest_edge": (patch * merge) ** 2 * 4, "longest_edge": (patch * merge) ** 2 * 256})
+        size=vision_token_range(patch, merge))
     processor = image_only(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tokenizer)
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=num_blocks,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=16,
@@ -67,10 +67,7 @@ def qwen3_vl_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: 
                               video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
                               vision_end_token_id=ids["vision_end_token"], pad_token_id=ids["pad_token"],
                               eos_token_id=ids["eos_token"])
-    torch.manual_seed(seed)
-    model = Qwen3VLMoeForConditionalGeneration(config)
-    _spread(model)
-    return model, processor
+    return random_model(Qwen3VLMoeForConditionalGeneration, config, seed), processor
 
 
 def aria(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int = 8):
@@ -94,10 +91,7 @@ def aria(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int = 8)
     config = AriaConfig(vision_config=vision, text_config=text, projector_patch_to_query_dict={49: 16, 196: 32},
                         image_token_index=ids["image_token"], pad_token_id=ids["pad_token"],
                         eos_token_id=ids["eos_token"])
-    torch.manual_seed(seed)
-    model = AriaForConditionalGeneration(config)
-    _spread(model)
-    return model, processor
+    return random_model(AriaForConditionalGeneration, config, seed), processor
 
 
 def glm4v_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int = 8):
@@ -113,7 +107,7 @@ def glm4v_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int
     patch, merge = 16, 2
     image_processor = Glm4vImageProcessorPil(
         patch_size=patch, merge_size=merge, temporal_patch_size=2,
-        size={"shortest_edge": (patch * merge) ** 2 * 4, "longest_edge": (patch * merge) ** 2 * 256})
+        size=vision_token_range(patch, merge))
     processor = image_only(Glm4vProcessor)(image_processor=image_processor, tokenizer=tokenizer)
     # 2 heads of 32: partial rotary (0.5) leaves 8 frequencies for the 3 rope sections
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=num_blocks,
@@ -129,10 +123,7 @@ def glm4v_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int
                             image_end_token_id=tid("<|end_of_image|>"), video_start_token_id=tid("<|begin_of_video|>"),
                             video_end_token_id=tid("<|end_of_video|>"), pad_token_id=ids["pad_token"],
                             eos_token_id=ids["eos_token"])
-    torch.manual_seed(seed)
-    model = Glm4vMoeForConditionalGeneration(config)
-    _spread(model)
-    return model, processor
+    return random_model(Glm4vMoeForConditionalGeneration, config, seed), processor
 
 
 def internvl(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int = 8):
@@ -158,10 +149,7 @@ def internvl(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int 
     config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=ids["context_image_token"],
                             image_seq_length=4, pad_token_id=ids["pad_token"], eos_token_id=ids["eos_token"],
                             tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config)
-    _spread(model)
-    return model, processor
+    return random_model(InternVLForConditionalGeneration, config, seed), processor
 
 
 def ernie4_5_vl_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int = 8):
@@ -179,7 +167,7 @@ def ernie4_5_vl_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_
     patch, merge = 14, 2
     image_processor = Ernie4_5_VLMoeImageProcessorPil(
         patch_size=patch, merge_size=merge,
-        size={"shortest_edge": (patch * merge) ** 2 * 4, "longest_edge": (patch * merge) ** 2 * 256})
+        size=vision_token_range(patch, merge))
     processor = image_only(Ernie4_5_VLMoeProcessor)(image_processor=image_processor, tokenizer=tokenizer)
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=num_blocks,
                 num_attention_heads=4, num_key_value_heads=2, moe_intermediate_size=[16, 16], moe_num_experts=experts,
@@ -192,19 +180,26 @@ def ernie4_5_vl_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_
     config = Ernie4_5_VLMoeConfig(
         text_config=text, vision_config=vision, tie_word_embeddings=False,
         **{f"{k}_id": tid(v) for k, v in specials.items() if k.startswith(("image", "video"))})
+    return random_model(Ernie4_5_VLMoeForConditionalGeneration, config, seed), processor
+
+
+def vision_token_range(patch: int, merge: int) -> dict:
+    """A dynamic-resolution image processor's `size`: from 4 to 256 vision tokens per image."""
+    pixels = (patch * merge) ** 2
+    return {"shortest_edge": pixels * 4, "longest_edge": pixels * 256}
+
+
+def random_model(model_cls, config, seed: int):
+    """The family's model with random weights wide enough that routers disagree between tokens and
+    logits between configurations (at the default init every expert scores alike and a changed knob
+    barely moves an answer)."""
     torch.manual_seed(seed)
-    model = Ernie4_5_VLMoeForConditionalGeneration(config)
-    _spread(model)
-    return model, processor
-
-
-def _spread(model) -> None:
-    """Random weights wide enough that routers disagree between tokens and logits between configurations
-    (at the default init every expert scores alike and a changed knob barely moves an answer)."""
+    model = model_cls(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.5 if name.endswith("gate.weight") else 0.1)
+    return model
 
 
 BUILDERS = {"qwen3_vl_moe": qwen3_vl_moe, "glm4v_moe": glm4v_moe, "internvl": internvl, "aria": aria,

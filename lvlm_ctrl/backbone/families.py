@@ -18,6 +18,13 @@ from torch import nn
 from lvlm_ctrl.errors import UserError
 
 
+def submodule(root: nn.Module, path: str) -> nn.Module | None:
+    """root.a.b for path "a.b", or None where a part is missing."""
+    for part in path.split("."):
+        root = getattr(root, part, None)
+    return root
+
+
 class Family:
     model_types: tuple[str, ...] = ()
     processor_class = "AutoProcessor"
@@ -32,10 +39,8 @@ class Family:
     # ---- where the blocks and routers are ------------------------------------------------------
     def decoder(self) -> nn.Module:
         """The text decoder: the module that owns the list of transformer blocks."""
-        for name in ("model.language_model", "language_model", "model"):
-            module = self.model
-            for part in name.split("."):
-                module = getattr(module, part, None)
+        for path in ("model.language_model", "language_model", "model"):
+            module = submodule(self.model, path)
             if module is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
                 return module
         raise UserError(f"cannot find the decoder blocks of {type(self.model).__name__}: this family needs an "
@@ -46,14 +51,8 @@ class Family:
     def routers(self, block: nn.Module) -> list[nn.Module]:
         """The modules whose `top_k` attribute the block's MoE layers read at every call (none for a
         dense block; more than one where a block routes text and vision tokens apart)."""
-        found = []
-        for path in self.router_paths:
-            module = block
-            for part in path.split("."):
-                module = getattr(module, part, None)
-            if module is not None and isinstance(getattr(module, "top_k", None), int):
-                found.append(module)
-        return found
+        found = (submodule(block, path) for path in self.router_paths)
+        return [m for m in found if m is not None and isinstance(getattr(m, "top_k", None), int)]
 
     def pinned_blocks(self) -> set[int]:
         """Blocks that stay whatever num_blocks says (block 0 always does: the KV cache reads the length there)."""

@@ -24,7 +24,7 @@ import torch
 from lvlm_ctrl.calibration import LatencyCalibration
 from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
 from lvlm_ctrl.errors import UserError
-from lvlm_ctrl.grpo.policy import TwoStagePolicy
+from lvlm_ctrl.grpo.policy import TwoStagePolicy, image_size_features
 from lvlm_ctrl.knobs import Knobs
 
 
@@ -123,8 +123,7 @@ class GRPOController:
         if lang is None:
             lang = remember(self.questions, question, self.question_cache,
                             self.kernel.language(*language_sum(backbone, question, self.embeddings)))
-        # grpo.policy.image_size_features, in numpy: a torch call costs more than the arithmetic
-        size = np.log2(np.maximum(np.array(image.size, np.float32), 1.0) / 256.0) if self.policy.n_input else None
+        size = image_size_features([image.size])[0] if self.policy.n_input else None
         tier_i, ins_i = self.kernel.stage1(lang, budget_ms, size)
         space = self.policy.space
         p = space.insertions[ins_i]

@@ -137,8 +137,8 @@ class LookupTable:
     # ---- queries -----------------------------------------------------------------------
     def _table(self, dataset: str | None, group: str | None = None):
         if group is not None and GROUP + group in self._index:
-            return self._index[GROUP + group]  # a group the profile never saw: the pooled table
-        name = dataset or ALL
+            return self._index[GROUP + group]
+        name = dataset or ALL  # also for a group the profile never saw: the pooled table
         if name not in self._index:
             # a single-dataset table answers for that dataset under its own name too
             names = {r.get("dataset") for r in self.records}

@@ -94,7 +94,8 @@ class GRPOModule(L.LightningModule):
         # clone: tensors made under inference_mode cannot be module buffers that DDP broadcasts
         lang = language_features(self.backbone, questions)
         if self.policy.n_input:  # the image's size, read from the file's header
-            lang = torch.cat([lang, image_size_features(s.image_size() for s in data.samples)], dim=-1)
+            sizes = image_size_features([s.image_size() for s in data.samples])
+            lang = torch.cat([lang, torch.from_numpy(sizes)], dim=-1)
         self.register_buffer("lang", lang.clone(), persistent=False)
         if self.policy.budget_token is not None:  # the latency token depends on the budget: keep prompt states
             self.prompt_states = [tuple(t.clone() for t in tier) for tier in prompt_states(self.backbone, data.samples)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.distributions import Categorical
@@ -21,9 +22,12 @@ MASKED = -1e9
 IMAGE_SIZE_FEATURES = 2
 
 
-def image_size_features(sizes) -> torch.Tensor:
-    """(B, 2): log2 of an image's width and height over 256 px, from (width, height) pairs."""
-    return torch.log2(torch.tensor([[float(w), float(h)] for w, h in sizes]).clamp(min=1.0) / 256.0)
+def image_size_features(sizes) -> np.ndarray:
+    """(B, 2) float32: log2 of an image's width and height over 256 px, from (width, height) pairs. In
+    numpy: serving computes it per request, where a torch call costs more than the arithmetic."""
+    return np.log2(np.maximum(np.array([tuple(s) for s in sizes], np.float32).reshape(-1, 2), 1.0) / 256.0)
+
+
 HEADS = ("tier", "insertion", "top_k", "num_blocks")
 STAGE2 = ("top_k", "num_blocks")
 
