@@ -90,20 +90,26 @@ def serving_grid(budgets: list[float], floor_ms: float | None) -> list[float]:
     return [float(b * floor_ms / budgets[0]) for b in budgets]
 
 
-def run_requests(backbone, controller, samples, budgets: list) -> dict:
+def run_requests(backbone, controller, samples, budgets: list, probe=None) -> dict:
     """Serve every sample at every budget, one request at a time; per-budget request records.
 
     Budgets are interleaved per sample, so a slow spell of the machine hits every budget alike
     instead of inflating the violation rate of whichever budget ran during it, and their order
     rotates from one sample to the next: a sample's first request is the slowest (a new image and
     question, after the previous sample's last request), which no single budget should always pay.
+    `probe(sample, image) -> ms`, if given, runs once per sample in a rotating turn among its
+    budgets; its timings are the records under the key "probe".
     """
-    records = {b: [] for b in budgets}
-    with tqdm(total=len(samples) * len(budgets), desc=f"evaluate {controller.name}", unit="req",
+    turns = budgets + (["probe"] if probe is not None else [])
+    records = {b: [] for b in turns}
+    with tqdm(total=len(samples) * len(turns), desc=f"evaluate {controller.name}", unit="req",
               dynamic_ncols=True) as bar:
         for i, s in enumerate(samples):
             image = s.load_image()
-            for b in budgets[i % len(budgets):] + budgets[:i % len(budgets)]:
+            for b in turns[i % len(turns):] + turns[:i % len(turns)]:
+                if b == "probe":
+                    records[b].append(probe(s, image))
+                    continue
                 gen, knobs, overhead = serve(backbone, controller, s, image, b)
                 records[b].append({
                     "sample_id": s.sample_id, "prediction": gen.answers[0],
@@ -111,8 +117,26 @@ def run_requests(backbone, controller, samples, budgets: list) -> dict:
                     "overhead_ms": overhead, "T_vision_ms": gen.vision_ms, "T_prefill_ms": gen.prefill_ms,
                     "T_decode_ms": gen.decode_ms, "latency_ms": gen.total_ms + overhead,
                 })
-            bar.update(len(budgets))
+            bar.update(len(turns))
     return records
+
+
+def floor_probe(backbone, controller):
+    """The cheapest profiled configuration, served as the controller serves (the GRPO controller
+    decides stage 2 inside the prefill): during an evaluation it measures the lowest latency this
+    machine can keep, minute by minute, where the warm-up's floor saw a few seconds. A budget below
+    its 95th percentile cannot be kept by any controller (issue 15's drift criterion)."""
+    knobs = min(controller.profiled_configurations(), key=lambda c: c[1])[0]
+    decide = (lambda _token: (knobs.top_k, knobs.num_blocks)) if hasattr(controller, "serve") else None
+    return lambda s, image: backbone.generate([image], [s.question], knobs, decide=decide).total_ms
+
+
+def keepable(results: list[dict], probes: list[float], overhead_ms: float) -> dict:
+    """Marks each budget's result with whether the machine could keep it during the evaluation."""
+    floor = float(np.percentile(probes, 95)) + overhead_ms
+    for r in results:
+        r["keepable"] = r["budget_ms"] is None or r["budget_ms"] >= floor
+    return {"p95_ms": floor, "requests": len(probes)}
 
 
 def summarize(records: list[dict], budget_ms: float | None) -> dict:
@@ -161,17 +185,22 @@ def main(cfg: DictConfig) -> float | None:
     calibration = getattr(controller, "calibration", None)
     if default_grid and calibration is not None:
         budgets = serving_grid(budgets, calibration.floor_ms)
+    floor = None
     if isinstance(controller, StaticController):
         # its choice ignores the budget: serve once, score against every budget
         records = run_requests(backbone, controller, dataset.samples, [None])[None]
         results = [summarize(records, b) for b in budgets]
     else:
-        records = run_requests(backbone, controller, dataset.samples, budgets)
+        probe = floor_probe(backbone, controller) if cfg.eval.floor_probe and calibration is not None else None
+        records = run_requests(backbone, controller, dataset.samples, budgets, probe)
         results = [summarize(records[b], b) for b in budgets]
+        if probe is not None:
+            overhead = float(np.median([r["controller_overhead_ms"] for r in results]))
+            floor = keepable(results, records["probe"], overhead)
     summary = {
         "controller": controller.name, "dataset": dataset.name, "split": dataset.split,
         "num_samples": len(dataset), "latency_source": cfg.latency.source, "backbone": backbone.name,
-        "calibration": calibration.state() if calibration is not None else None,
+        "calibration": calibration.state() if calibration is not None else None, "floor": floor,
         "results": results, "auc": auc(results), "command": command("lvlm_ctrl.evaluate"), "machine": machine(),
     }
     atomic_write_json(out, summary)
@@ -181,8 +210,12 @@ def main(cfg: DictConfig) -> float | None:
     for r in results:
         budget = "-" if r["budget_ms"] is None else f"{r['budget_ms']:.1f}"
         late = "-" if r["violation_rate"] is None else f"{r['violation_rate']:.1%}"
+        late += "" if r.get("keepable", True) else "*"
         print(f"{budget:>10} {r['accuracy']:>9.4f} {late:>6} {r['median_latency_ms']:>10.1f} "
               f"{r['p95_latency_ms']:>8.1f}")
+    if floor is not None and not all(r["keepable"] for r in results):
+        print(f"* below the cheapest configuration's p95 during this evaluation ({floor['p95_ms']:.1f} ms): "
+              "no controller could keep it on this machine now")
     if summary["auc"] is not None:
         print(f"AUC {summary['auc']:.4f}")
     print(f"wrote {out}")

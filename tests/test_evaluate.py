@@ -101,3 +101,29 @@ def test_budget_order_rotates_per_sample(backbone, easy_samples):
     records = run_requests(backbone, Recording().bind(backbone), easy_samples[:3], budgets)
     assert order == [10.0, 20.0, 30.0, 20.0, 30.0, 10.0, 30.0, 10.0, 20.0]
     assert all(len(records[b]) == 3 for b in budgets)
+
+    # the floor probe takes its turn in the rotation too, once per sample
+    order.clear()
+    records = run_requests(backbone, Recording().bind(backbone), easy_samples[:2], budgets,
+                           probe=lambda s, image: order.append("probe") or 5.0)
+    assert order == [10.0, 20.0, 30.0, "probe", 20.0, 30.0, "probe", 10.0]
+    assert records["probe"] == [5.0, 5.0]
+
+
+def test_floor_probe_marks_budgets_no_controller_could_keep(backbone, easy_samples):
+    """The probe serves the cheapest profiled configuration; a budget below its p95 (plus the
+    controller's overhead) during the evaluation is marked not keepable, the others keepable."""
+    from lvlm_ctrl.evaluate import floor_probe, keepable
+    from lvlm_ctrl.knobs import Knobs
+
+    class Cheapest:
+        def profiled_configurations(self):
+            return [(Knobs("high", 4, 8, 16), 30.0), (Knobs("low", 1, 4, 12), 10.0)]
+
+    probe = floor_probe(backbone, Cheapest())
+    s = easy_samples[0]
+    assert probe(s, s.load_image()) > 0
+    results = [{"budget_ms": b} for b in (5.0, 8.6, 8.7, None)]
+    floor = keepable(results, [8.0] * 19 + [11.0], overhead_ms=0.5)
+    assert floor == {"p95_ms": pytest.approx(8.15 + 0.5), "requests": 20}
+    assert [r["keepable"] for r in results] == [False, False, True, True]
