@@ -147,7 +147,7 @@ def test_warm_up_measures_the_serving_floor_and_the_default_grid_starts_there():
     assert timed.count("c0") == 2 + 40  # the cheapest: twice as one of the six, then `floor` times
     assert len(timed) == 2 * 6 + 2 * 40 and timed[12::2] == ["c29"] * 40  # each floor timing after the costliest
     # the timings' p97.5 (between 1.0 and 1.1 x the cheapest's slowed latency) plus the drift allowance
-    assert slower(8.0) * 1.05 < cal.floor_ms <= slower(8.0) * 1.1 * 1.05
+    assert slower(8.0) * (1 + cal.drift) < cal.floor_ms <= slower(8.0) * 1.1 * (1 + cal.drift)
     profiled = [float(b) for b in np.linspace(8.0, 40.0, 10)]
     grid = serving_grid(profiled, cal.floor_ms)
     assert grid[0] == pytest.approx(cal.floor_ms) and len(grid) == 10
