@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 
 import hydra
 import numpy as np
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from lvlm_ctrl.controllers import serving_controller
 from lvlm_ctrl.controllers.lookup import check_budget
 from lvlm_ctrl.controllers.static import StaticController
+from lvlm_ctrl.data import question_family
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_json, check_writable, command, machine
 from lvlm_ctrl.metrics import vqa_score
@@ -76,7 +77,7 @@ def warm_up(backbone, controller, samples, budget, n: int = 3, image=None) -> No
         def run(knobs):
             s = next(requests)
             img = image if image is not None else s.load_image()
-            decide = (lambda _token: (knobs.top_k, knobs.num_blocks)) if staged else None
+            decide = (lambda _token, _prompt: (knobs.top_k, knobs.num_blocks)) if staged else None
             return backbone.generate([img], [s.question], knobs, decide=decide).total_ms
         calibration.warm_up(run, controller.profiled_configurations(), float(np.median(overheads or [0.0])))
 
@@ -127,7 +128,7 @@ def floor_probe(backbone, controller):
     machine can keep, minute by minute, where the warm-up's floor saw a few seconds. A budget below
     its 95th percentile cannot be kept by any controller (issue 15's drift criterion)."""
     knobs = min(controller.profiled_configurations(), key=lambda c: c[1])[0]
-    decide = (lambda _token: (knobs.top_k, knobs.num_blocks)) if hasattr(controller, "serve") else None
+    decide = (lambda _token, _prompt: (knobs.top_k, knobs.num_blocks)) if hasattr(controller, "serve") else None
     return lambda s, image: backbone.generate([image], [s.question], knobs, decide=decide).total_ms
 
 
@@ -142,12 +143,17 @@ def keepable(results: list[dict], probes: list[float], overhead_ms: float) -> di
 def summarize(records: list[dict], budget_ms: float | None) -> dict:
     lat = np.array([r["latency_ms"] for r in records])
     knobs = {name: dict(Counter(str(r["knobs"][name]) for r in records)) for name in records[0]["knobs"]}
+    families = defaultdict(list)  # question families a sample id names (synth_vqa); none elsewhere
+    for r in records:
+        families[question_family(r["sample_id"])].append(r["accuracy"])
     return {
         "budget_ms": budget_ms,
         "accuracy": float(np.mean([r["accuracy"] for r in records])),
+        "accuracy_by_family": {f: float(np.mean(a)) for f, a in sorted(families.items()) if f != "any"},
         "violation_rate": float(np.mean(lat > budget_ms)) if budget_ms else None,
         "mean_latency_ms": float(lat.mean()),
         "median_latency_ms": float(np.median(lat)),
+        "p5_latency_ms": float(np.percentile(lat, 5)),
         "p95_latency_ms": float(np.percentile(lat, 95)),
         "mean_latency_over_budget": float((lat / budget_ms).mean()) if budget_ms else None,
         "p95_latency_over_budget": float(np.percentile(lat / budget_ms, 95)) if budget_ms else None,
@@ -216,6 +222,9 @@ def main(cfg: DictConfig) -> float | None:
     if floor is not None and not all(r["keepable"] for r in results):
         print(f"* below the cheapest configuration's p95 during this evaluation ({floor['p95_ms']:.1f} ms): "
               "no controller could keep it on this machine now")
+    if results[-1]["accuracy_by_family"]:
+        print("by question family at", "-" if results[-1]["budget_ms"] is None else f"{results[-1]['budget_ms']:.1f} ms:",
+              " ".join(f"{f} {a:.3f}" for f, a in results[-1]["accuracy_by_family"].items()))
     if summary["auc"] is not None:
         print(f"AUC {summary['auc']:.4f}")
     print(f"wrote {out}")
