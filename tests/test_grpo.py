@@ -197,11 +197,25 @@ def test_slo_term_counts_how_often_a_configuration_is_late_on_the_training_sampl
     ids = lambda k: Decision(*(torch.tensor([i]) for i in (
         space.tiers.index(k.tier), space.insertions.index(k.insertion), space.top_ks.index(k.top_k),
         k.num_blocks - space.num_blocks_options(k.insertion)[0])))
-    assert env.miss_rate(ids(fast), torch.tensor([19.5])).item() == pytest.approx(0.5)  # 20..29 are late
-    assert env.miss_rate(ids(fast), torch.tensor([29.0])).item() == 0.0
-    assert env.miss_rate(ids(slow), torch.tensor([29.0])).item() == 1.0
+    row = torch.tensor([0])
+    assert env.miss_rate(ids(fast), torch.tensor([19.5]), row).item() == pytest.approx(0.5)  # 20..29 are late
+    assert env.miss_rate(ids(fast), torch.tensor([29.0]), row).item() == 0.0
+    assert env.miss_rate(ids(slow), torch.tensor([29.0]), row).item() == 1.0
     env.use_for_slo(torch.arange(10))  # only samples s0..s9 (10..19 ms) count now
-    assert env.miss_rate(ids(fast), torch.tensor([19.5])).item() == 0.0
+    assert env.miss_rate(ids(fast), torch.tensor([19.5]), row).item() == 0.0
+    # per input group (controller.group_by): s0..s9 small, s10..s19 large; a row counts its group's samples
+    env.use_for_slo(torch.arange(20))
+    env.set_groups(["small"] * 10 + ["large"] * 10, min_samples=5)
+    small, large = torch.tensor([3]), torch.tensor([15])
+    assert env.miss_rate(ids(fast), torch.tensor([19.5]), small).item() == 0.0
+    assert env.miss_rate(ids(fast), torch.tensor([19.5]), large).item() == 1.0
+    assert env.miss_rate(ids(fast), torch.tensor([24.5]), large).item() == pytest.approx(0.5)
+    t, p, k, n = (int(x) for x in (space.tiers.index(fast.tier), space.insertions.index(fast.insertion),
+                                   space.top_ks.index(fast.top_k), fast.num_blocks - space.num_blocks_options(fast.insertion)[0]))
+    p95 = env.group_p95[:, t, p, k, n]
+    assert p95[env.group_names.index("small")] < 20.0 < p95[env.group_names.index("large")] < 30.0
+    env.set_groups(["small"] * 10 + ["large"] * 10, min_samples=11)  # groups too small: pooled
+    assert env.miss_rate(ids(fast), torch.tensor([19.5]), small).item() == pytest.approx(0.5)
     cfg = RewardConfig(slo=0.5, slo_max_violation=0.05)
     comps = reward_components(cfg, torch.ones(3), torch.full((3,), 10.0), torch.full((3,), 100.0), torch.ones(3),
                               miss_rate=torch.tensor([0.0, 0.05, 0.06]))
@@ -263,47 +277,64 @@ def synthetic_p95(space) -> torch.Tensor:
     return lat.masked_fill(~valid, float("nan"))
 
 
-@pytest.mark.parametrize("guarded,image_size", [(False, False), (True, False), (False, True)])
-def test_serving_decides_as_the_policy_does(backbone, easy_samples, guarded, image_size):
+@pytest.mark.parametrize("guarded,image_size,counts", [(False, False, False), (True, False, False),
+                                                        (False, True, False), (True, True, False), (False, True, True)])
+def test_serving_decides_as_the_policy_does(backbone, easy_samples, guarded, image_size, counts):
     """GRPOController.serve (numpy kernel inside the serving forward pass) takes the policy's greedy
     decision for the same question, budget and latency token, at budgets that lead to different tiers;
     guarded, both choose only configurations whose p95 fits (the fastest when none does), and the
     guard changes some decisions. With controller.image_size, stage 1 reads the image's size too
-    (images resized here so that it changes decisions)."""
+    (images resized here so that it changes decisions); guarded as well, the guard's p95 is the one
+    of the image's size class (controller.group_by=size). With controller.token_counts, stage 2 reads
+    the request's vision and text token counts beside the latency token."""
+    from lvlm_ctrl.data import size_class
     from lvlm_ctrl.grpo.env import language_features
-    from lvlm_ctrl.grpo.policy import fitting, image_size_features
+    from lvlm_ctrl.grpo.policy import fitting, image_size_features, token_count_features
 
     space = backbone.space
     torch.manual_seed(7)
     d = backbone.model.get_input_embeddings().weight.shape[1]
-    policy = TwoStagePolicy(space, d_model=d, hidden=32, image_size=image_size).eval()
+    policy = TwoStagePolicy(space, d_model=d, hidden=32, image_size=image_size, token_counts=counts).eval()
     with torch.no_grad():
         for p in policy.parameters():
             p.mul_(3)
         policy.stage1[0].weight[:, d:d + policy.n_input] *= 30  # the two size features weigh like the question's d
+        policy.stage2[0].weight[:, d:d + policy.n_counts] *= 100  # so do the token counts in stage 2
     p95 = synthetic_p95(space) if guarded else None
+    grouped = guarded and image_size
+    if grouped:
+        p95 = {"small": p95, "medium": 1.5 * p95, "large": 2.5 * p95}
     ctl = bound_controller(backbone, policy, p95)
+    ctl.group_by = "size" if grouped else None
     tiers, changed = set(), 0
     sizes = set()
     for i, s in enumerate(easy_samples[:3]):
-        image = s.load_image().resize([(64, 64), (512, 128), (96, 640)][i]) if image_size else s.load_image()
+        image = s.load_image().resize([(64, 64), (512, 128), (640, 480)][i]) if image_size else s.load_image()
+        mine = p95[size_class(*image.size)] if grouped else p95
         lang = language_features(backbone, [s.question])
         if image_size:
             lang = torch.cat([lang, torch.from_numpy(image_size_features([image.size]))], dim=-1)
         for budget in (5.0, 20.0, 80.0, 300.0, 2000.0):
             gen, overhead = ctl.serve(backbone, s.question, image, budget)
-            tokens = gen.latency_token.reshape(1, 1, 1, -1).expand(1, len(space.tiers), len(space.insertions), d)
+            token = gen.latency_token.reshape(1, -1).float()
+            if counts:
+                token = torch.cat([token, torch.from_numpy(token_count_features(gen.vision_tokens, gen.text_tokens))], -1)
+                zeroed = torch.cat([token[:, :d], torch.zeros(1, 2)], -1).reshape(1, 1, 1, -1).expand(
+                    1, len(space.tiers), len(space.insertions), -1)
+            tokens = token.reshape(1, 1, 1, -1).expand(1, len(space.tiers), len(space.insertions), -1)
             b = torch.tensor([budget])
-            fits = fitting(p95, b) if guarded else None
+            fits = fitting(mine, b) if guarded else None
             want = policy.act(lang, tokens.float(), b, greedy=True, fits=fits)
             assert gen.knobs == want.knobs(space)[0] and overhead > 0
             tiers.add(gen.knobs.tier)
-            if image_size:  # the same question at another image size
+            if counts:  # the same latency token without its token counts
+                sizes.add(gen.knobs != policy.act(lang, zeroed, b, greedy=True).knobs(space)[0])
+            elif image_size:  # the same question at another image size
                 other = torch.cat([lang[:, :d], torch.from_numpy(image_size_features([(64, 64)]))], dim=-1)
                 sizes.add(gen.knobs != policy.act(other, tokens.float(), b, greedy=True).knobs(space)[0])
             if guarded:
-                chosen = p95[want.tier, want.insertion, want.top_k, want.num_blocks].item()
-                assert chosen <= budget or chosen == p95.nan_to_num(float("inf")).min().item()
+                chosen = mine[want.tier, want.insertion, want.top_k, want.num_blocks].item()
+                assert chosen <= budget or chosen == mine.nan_to_num(float("inf")).min().item()
                 changed += want.knobs(space) != policy.act(lang, tokens.float(), b, greedy=True).knobs(space)
     assert len(tiers) > 1  # the budget reaches the decision
     assert not guarded or changed > 0
@@ -332,7 +363,7 @@ def test_budget_token_latency_token_is_the_same_in_training_and_serving(backbone
     assert not torch.allclose(tokens, other)
     seen = {}
 
-    def decide(token):
+    def decide(token, _prompt):
         seen["token"] = token
         return 6, 14
 

@@ -57,7 +57,7 @@ def test_restore_after_request_and_after_error(family):
         backbone.generate(images[:1], questions[:1], knobs)
         assert conformance.same_state(conformance.state(backbone), before)
     backbone.generate(images[:1], questions[:1], Knobs(backbone.space.tiers[1], 3, 8, 16),
-                      decide=lambda token: (5, 14))
+                      decide=lambda token, prompt: (5, 14))
     assert conformance.same_state(conformance.state(backbone), before)
     with pytest.raises(RuntimeError, match="boom"), backbone.hooks.apply(Knobs(backbone.space.tiers[1], 3, 5, 14)):
         assert backbone.hooks.decoder.config.num_hidden_layers == 14
@@ -109,7 +109,7 @@ def test_staged_decision_in_one_pass_equals_static_configuration(family):
     backbone, images, questions = family
     tiers, seen = backbone.space.tiers, []
     for tier, p, k, n in [(tiers[0], 1, 4, 12), (tiers[1], 2, 6, 14), (tiers[-1], 5, 8, 16), (tiers[-1], 3, 5, 15)]:
-        def decide(token, k=k, n=n):
+        def decide(token, _prompt, k=k, n=n):
             seen.append(token.clone())
             return k, n
         staged = backbone.generate(images[:1], questions[:1], Knobs(tier, p, 8, 16), decide=decide,
@@ -135,7 +135,7 @@ def test_a_request_makes_no_deprecated_call(family):
         warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword", DeprecationWarning)
         backbone.generate(images, questions, backbone.space.cheapest(), max_new_tokens=2)
         backbone.generate(images, questions, backbone.space.full(), max_new_tokens=2, use_cache=False)
-        backbone.generate(images[:1], questions[:1], backbone.space.full(), decide=lambda token: (5, 14))
+        backbone.generate(images[:1], questions[:1], backbone.space.full(), decide=lambda token, prompt: (5, 14))
 
 
 def test_a_checkpoint_with_a_video_processor_loads_without_it(tiny_checkpoints, easy_samples, tmp_path):

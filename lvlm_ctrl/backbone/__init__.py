@@ -25,7 +25,8 @@ from lvlm_ctrl.backbone.hooks import KnobHooks
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.knobs import Knobs, KnobSpace
 
-EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "tiny_moe"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EMBEDDED = ASSETS / "tiny_moe"  # the default; assets/tiny_qwen3_vl_moe is the synth-VQA testbed's
 
 
 @dataclass
@@ -144,8 +145,9 @@ class Backbone:
                  decide=None, query: torch.Tensor | None = None) -> Generation:
         """Greedy answers for a batch at `knobs`; `kept` overrides the block list (importance uses it).
 
-        With `decide(latency_token) -> (top_k, num_blocks)`, only knobs.tier and knobs.insertion are
-        fixed up front; stage 2 decides the rest after block p-1 of the same prefill. With a `query`
+        With `decide(latency_token, prompt) -> (top_k, num_blocks)`, only knobs.tier and knobs.insertion
+        are fixed up front; stage 2 decides the rest after block p-1 of the same prefill (the encoded
+        `prompt` gives it the request's token counts). With a `query`
         (the budget token's embedding, (B, 1, d)), the latency token is that token's hidden state
         after block p-1, run behind the prompt (KnobHooks.probe) and counted as stage 2's time.
         """
@@ -166,7 +168,7 @@ class Backbone:
                     layers = cache.layers[:knobs.insertion]
                     token = self.hooks.probe(query, [c.keys for c in layers], [c.values for c in layers],
                                              prompt.attention_mask, prompt.next_position, [knobs.insertion])[:, 0]
-                out = decide(token)
+                out = decide(token, prompt)
                 stage2_ms[0] = self._ms(t, self._now())
                 return out
             blocks = self.hooks.staged(knobs.insertion, timed)
@@ -246,8 +248,9 @@ def load_backbone(path: str | None = None, tiers: dict | None = None, importance
                   top_ks: list[int] | None = None, device_map: str | dict | None = None) -> Backbone:
     """Load a backbone saved with save_pretrained from a local directory (never from a hub); its
     family (families.py) comes from config.model_type. prompt=None takes the family's template;
-    device_map (e.g. "auto") spreads a model larger than one device over several (accelerate)."""
-    root = Path(path) if path else EMBEDDED
+    device_map (e.g. "auto") spreads a model larger than one device over several (accelerate).
+    path=None: the embedded backbone called `name` (lvlm_ctrl/assets/<name>, tiny_moe by default)."""
+    root = Path(path) if path else ASSETS / (name or EMBEDDED.name)
     if not (root / "config.json").exists():
         raise UserError(f"no model checkpoint at {root}: pass model.path=DIR holding config.json and weights "
                         "(python -m lvlm_ctrl.pretrain or python -m lvlm_ctrl.backbone.build_tiny writes one)")

@@ -23,14 +23,16 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 class ArgmaxKernel:
-    def __init__(self, policy: TwoStagePolicy, d_model: int, p95_ms: torch.Tensor | None = None):
+    def __init__(self, policy: TwoStagePolicy, d_model: int, p95_ms: torch.Tensor | dict | None = None):
+        """p95_ms: the guard's profiled p95 per configuration, or {input group: that} (controller.group_by)."""
         self.policy, self.d, self.p95 = policy, d_model, p95_ms
         s1, s2 = policy.stage1, policy.stage2
         self.n_input = n_in = policy.n_input
         self.w1 = (_np(s1[0].weight[:, :d_model]), _np(s1[2].weight), _np(s1[4].weight))
         self.w_size = _np(s1[0].weight[:, d_model:d_model + n_in]) if n_in else None
         self.b1 = (_np(s1[2].bias), _np(s1[4].bias))
-        self.w2 = (_np(s2[0].weight[:, :d_model]), _np(s2[2].weight), _np(s2[4].weight))
+        self.d2 = d2 = d_model + policy.n_counts  # stage 2's token: the latency token, then its token counts
+        self.w2 = (_np(s2[0].weight[:, :d2]), _np(s2[2].weight), _np(s2[4].weight))
         self.b2 = (_np(s2[2].bias), _np(s2[4].bias))
         dec = policy.decision_embed.weight
         self.decision_bias = _np(dec @ s2[0].weight[:, -dec.shape[1]:].T)  # (tiers * P, hidden)
@@ -40,11 +42,11 @@ class ArgmaxKernel:
         self._budget: dict[float, tuple] = {}
 
     @torch.inference_mode()
-    def budget_bias(self, budget_ms: float) -> tuple:
+    def budget_bias(self, budget_ms: float, group: str | None = None) -> tuple:
         """-> stage 1's first-layer bias (hidden,) and stage 2's per stage-1 decision (tiers * P, hidden),
-        then the guard's masks to add to the logits, or None: tiers (T,), insertions (T, P), top_k
-        (T * P, K) and num_blocks (T * P, K, N)."""
-        cached = self._budget.get(budget_ms)
+        then the guard's masks to add to the logits (for the input's group), or None: tiers (T,),
+        insertions (T, P), top_k (T * P, K) and num_blocks (T * P, K, N)."""
+        cached = self._budget.get((budget_ms, group))
         if cached is None:
             if len(self._budget) > 4096:
                 self._budget.clear()
@@ -53,12 +55,15 @@ class ArgmaxKernel:
             l1, l2 = pol.stage1[0], pol.stage2[0]
             masks = None
             if self.p95 is not None:
-                fits = fitting(self.p95, torch.tensor([budget_ms]))[0]
+                p95 = self.p95 if not isinstance(self.p95, dict) else self.p95.get(group, self.p95.get("all"))
+                if p95 is None:
+                    p95 = torch.stack(list(self.p95.values())).nan_to_num(float("inf")).amax(0)  # unseen group: the worst
+                fits = fitting(p95, torch.tensor([budget_ms]))[0]
                 masks = tuple(np.where(ok.numpy(), np.float32(0), np.float32(MASKED)) for ok in (
                     fits.flatten(1).any(-1), fits.flatten(2).any(-1), fits.flatten(0, 1).any(-1), fits.flatten(0, 1)))
-            cached = self._budget[budget_ms] = (
+            cached = self._budget[(budget_ms, group)] = (
                 _np(l1.bias + l1.weight[:, d + self.n_input:] @ feat),
-                _np(l2.bias + l2.weight[:, d:d + feat.numel()] @ feat) + self.decision_bias, masks)
+                _np(l2.bias + l2.weight[:, self.d2:self.d2 + feat.numel()] @ feat) + self.decision_bias, masks)
         return cached
 
     def _hidden(self, first: np.ndarray, w, b) -> np.ndarray:
@@ -80,10 +85,12 @@ class ArgmaxKernel:
         first *= np.float32(1.0 / n_tokens)
         return first
 
-    def stage1(self, question_feature: np.ndarray, budget_ms: float, size: np.ndarray | None = None) -> tuple[int, int]:
+    def stage1(self, question_feature: np.ndarray, budget_ms: float, size: np.ndarray | None = None,
+               group: str | None = None) -> tuple[int, int]:
         """question_feature: language(...) of the request's question (read, never written: cached);
-        size: the image's image_size_features when the policy reads them."""
-        bias, _, masks = self.budget_bias(budget_ms)
+        size: the image's image_size_features when the policy reads them; group: the input's group
+        for the guard (controller.group_by)."""
+        bias, _, masks = self.budget_bias(budget_ms, group)
         first = np.add(question_feature, bias, out=self._first)
         if self.w_size is not None:
             first += self.w_size @ size
@@ -98,9 +105,11 @@ class ArgmaxKernel:
             ins += masks[1][tier]
         return tier, int(ins.argmax())
 
-    def stage2(self, token: np.ndarray, budget_ms: float, tier_idx: int, ins_idx: int, n_valid: int) -> tuple[int, int]:
-        """n_valid: how many num_blocks options exist at this insertion (the rest are masked)."""
-        _, bias, masks = self.budget_bias(budget_ms)
+    def stage2(self, token: np.ndarray, budget_ms: float, tier_idx: int, ins_idx: int, n_valid: int,
+               group: str | None = None) -> tuple[int, int]:
+        """token: the latency token, with token_count_features appended when the policy reads them;
+        n_valid: how many num_blocks options exist at this insertion (the rest are masked)."""
+        _, bias, masks = self.budget_bias(budget_ms, group)
         decision = tier_idx * self.n_ins + ins_idx
         first = self.w2[0] @ token
         first += bias[decision]

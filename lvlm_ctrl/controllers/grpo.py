@@ -23,8 +23,9 @@ import torch
 
 from lvlm_ctrl.calibration import LatencyCalibration
 from lvlm_ctrl.controllers.argmax_kernel import ArgmaxKernel
+from lvlm_ctrl.data import size_class
 from lvlm_ctrl.errors import UserError
-from lvlm_ctrl.grpo.policy import TwoStagePolicy, image_size_features
+from lvlm_ctrl.grpo.policy import TwoStagePolicy, image_size_features, token_count_features
 from lvlm_ctrl.knobs import Knobs
 
 
@@ -71,6 +72,7 @@ class GRPOController:
             raise UserError(f"controller.serving.guard={guard!r}: give true, false or null (as trained)")
         self.ckpt, self.question_cache, self.guard = ckpt, question_cache, guard
         self.calibration: LatencyCalibration | None = None  # evaluate / infer set it (calibration.py)
+        self.group_by: str | None = None  # the guard's p95 per image size class (bind: as trained)
         self.policy: TwoStagePolicy | None = None
         self.questions: dict[str, np.ndarray] = {}  # stage 1's first layer on the question, per question
         self.queries: dict[float, torch.Tensor] = {}  # the budget token's embedding per budget
@@ -87,7 +89,12 @@ class GRPOController:
         if guard and p95 is None:
             raise UserError(f"controller.serving.guard=true needs a checkpoint that records its profile's p95 latency; "
                             f"{self.ckpt} does not (retrain it, or pass controller.serving.guard=false)")
-        self.kernel = ArgmaxKernel(self.policy, self.hparams["d_model"], torch.tensor(p95) if guard else None)
+        self.group_by = self.hparams.get("group_by")
+        if guard and self.group_by and self.hparams.get("group_p95_ms"):
+            p95 = {g: torch.tensor(v) for g, v in self.hparams["group_p95_ms"].items()}
+        elif guard:
+            p95 = torch.tensor(p95)
+        self.kernel = ArgmaxKernel(self.policy, self.hparams["d_model"], p95 if guard else None)
         self.questions.clear()  # another checkpoint's features
         self.queries.clear()
         self.embeddings = embedding_view(backbone)
@@ -124,7 +131,8 @@ class GRPOController:
             lang = remember(self.questions, question, self.question_cache,
                             self.kernel.language(*language_sum(backbone, question, self.embeddings)))
         size = image_size_features([image.size])[0] if self.policy.n_input else None
-        tier_i, ins_i = self.kernel.stage1(lang, budget_ms, size)
+        group = size_class(*image.size) if self.group_by == "size" else None
+        tier_i, ins_i = self.kernel.stage1(lang, budget_ms, size, group)
         space = self.policy.space
         p = space.insertions[ins_i]
         options = space.num_blocks_options(p)
@@ -136,8 +144,11 @@ class GRPOController:
                     torch.tensor([budget_ms])).to(backbone.device, backbone.model.dtype))
         stage1_ms = (time.perf_counter() - t0) * 1e3
 
-        def stage2(token):
-            k, n = self.kernel.stage2(as_numpy(token)[0], budget_ms, tier_i, ins_i, len(options))
+        def stage2(token, prompt):
+            token = as_numpy(token)[0]
+            if self.policy.n_counts:
+                token = np.concatenate([token, token_count_features(prompt.vision_tokens[0], prompt.text_tokens[0])])
+            k, n = self.kernel.stage2(token, budget_ms, tier_i, ins_i, len(options), group)
             return space.top_ks[k], options[n]
 
         knobs = Knobs(space.tiers[tier_i], p, max(space.top_ks), space.num_layers)

@@ -53,12 +53,51 @@ class ProfileEnv:
         self.p95 = torch.tensor(q95, dtype=torch.float32).reshape(shape[1:])  # (tiers, P, K, N), NaN where invalid
         self.feasible = (float(np.nanmin(q95)), float(np.nanmax(q95)))
         self.tier_cost = torch.arange(1, len(space.tiers) + 1, dtype=torch.float32) / len(space.tiers)
+        # (S, tiers, 2): each sample's vision and text token count at each tier (as the profile encoded it)
+        self.token_counts = torch.zeros(len(self.sample_ids), len(space.tiers), 2)
+        if {"vision_tokens", "text_tokens"} <= set(df.columns):
+            first = df.drop_duplicates(["sample_id", "tier"])
+            self.token_counts[first["sample_id"].astype(str).map(index).to_numpy(), first["tier"].map(tiers).to_numpy()] = \
+                torch.tensor(first[["vision_tokens", "text_tokens"]].to_numpy(float), dtype=torch.float32)
+        self.set_groups(None)
         self.use_for_slo(torch.arange(len(self.sample_ids)))
 
+    def set_groups(self, groups: list[str] | None, min_samples: int = 20) -> None:
+        """Input groups (one name per sample, e.g. the image's size class; None = one group) whose
+        latency statistics are kept apart: a row's SLO miss rate and its guard's p95 (`group_p95`,
+        (G, tiers, P, K, N)) come from the samples of its group, or from all samples for a group of
+        fewer than `min_samples`. On inputs that differ in cost, a configuration that keeps a budget
+        on small images may not on large ones."""
+        names = sorted(set(groups)) if groups is not None else ["all"]
+        self.group_names = names
+        self.group_of = torch.tensor([names.index(g) for g in groups] if groups is not None else
+                                     [0] * len(self.sample_ids))
+        self.min_group = min_samples
+        self.group_p95 = torch.stack([self._p95(self._group_rows(g, torch.arange(len(self.sample_ids))))
+                                      for g in range(len(names))])
+        if hasattr(self, "_slo_rows"):
+            self.use_for_slo(self._slo_rows)
+
+    def _group_rows(self, g: int, rows: torch.Tensor) -> torch.Tensor:
+        mine = rows[self.group_of[rows] == g]
+        return mine if len(mine) >= self.min_group else rows
+
+    def _p95(self, rows: torch.Tensor) -> torch.Tensor:
+        lat = self.latency[rows].reshape(len(rows), -1).T.numpy()
+        return torch.tensor([robust_quantile(col, 0.95) for col in lat], dtype=torch.float32).reshape(self.p95.shape)
+
     def use_for_slo(self, rows: torch.Tensor) -> None:
-        """The samples a configuration's miss rate is counted on (the training split, not validation)."""
-        lat = self.latency[rows].movedim(0, -1)  # (tiers, P, K, N, S), sorted to count by bisection
-        self._sorted_latency = lat.nan_to_num(float("inf")).sort(dim=-1).values
+        """The samples a configuration's miss rate is counted on (the training split, not validation),
+        per group: (G, tiers, P, K, N, S) sorted to count by bisection, padded with inf."""
+        self._slo_rows = rows
+        per_group = [self._group_rows(g, rows) for g in range(len(self.group_names))]
+        width = max(len(r) for r in per_group)
+        sorted_lat = torch.full((len(per_group), *self.p95.shape, width), float("inf"))
+        for g, r in enumerate(per_group):
+            lat = self.latency[r].movedim(0, -1).nan_to_num(float("inf"))
+            sorted_lat[g, ..., :len(r)] = lat.sort(dim=-1).values
+        self._sorted_latency = sorted_lat
+        self._slo_count = torch.tensor([len(r) for r in per_group], dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -71,12 +110,13 @@ class ProfileEnv:
                             "of the training samples (python -m lvlm_ctrl.profile)")
         return acc, lat
 
-    def miss_rate(self, d: Decision, budget: torch.Tensor) -> torch.Tensor:
-        """Per row: the fraction of the SLO samples on which the row's configuration runs over the
-        row's budget: the population statistic the lookup table decides by (its q95 latency)."""
-        lat = self._sorted_latency[d.tier, d.insertion, d.top_k, d.num_blocks]  # (B, S)
+    def miss_rate(self, d: Decision, budget: torch.Tensor, sample_idx: torch.Tensor) -> torch.Tensor:
+        """Per row: the fraction of the SLO samples of its group on which the row's configuration runs
+        over the row's budget: the population statistic the lookup table decides by (its q95 latency)."""
+        g = self.group_of[sample_idx]
+        lat = self._sorted_latency[g, d.tier, d.insertion, d.top_k, d.num_blocks]  # (B, S)
         within = torch.searchsorted(lat, budget.float()[:, None].contiguous(), right=True)[:, 0]
-        return 1.0 - within.float() / lat.shape[1]
+        return 1.0 - within.float() / self._slo_count[g]
 
     def complexity(self, d: Decision) -> torch.Tensor:
         """Relative cost in [0, 1]: tier x top_k x active blocks, normalised by the full model."""

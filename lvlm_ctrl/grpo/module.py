@@ -17,9 +17,19 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torchmetrics import MeanMetric
 
+from lvlm_ctrl.data import size_class
+from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.env import budget_token_latency_tokens, language_features, latency_tokens, prompt_states
 from lvlm_ctrl.grpo.loss import group_advantages, grpo_loss
-from lvlm_ctrl.grpo.policy import HEADS, STAGE2, Decision, TwoStagePolicy, fitting, image_size_features
+from lvlm_ctrl.grpo.policy import (
+    HEADS,
+    STAGE2,
+    Decision,
+    TwoStagePolicy,
+    fitting,
+    image_size_features,
+    token_count_features,
+)
 from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
 from lvlm_ctrl.knobs import KnobSpace
 
@@ -35,7 +45,8 @@ class GRPOModule(L.LightningModule):
                  kl_coef: float = 0.0, entropy_coef: float = 0.05, num_iterations: int = 1,
                  scale_rewards: str = "none", stage2_warmup_steps: int = 0, hidden: int = 256, budget_dim: int = 256,
                  budget_token: bool = False, val_num_budgets: int = 10, val_max_violation: float = 0.05,
-                 guard: bool = True, image_size: bool = False, reward: dict | None = None):
+                 guard: bool = True, image_size: bool = False, group_by: str | None = None,
+                 token_counts: bool = False, reward: dict | None = None):
         """backbone and budgets: for training (a Budgets of grpo/budgets.py); without them (serving, or
         load_from_checkpoint) the policy is built from `space` and `d_model`."""
         super().__init__()
@@ -52,10 +63,12 @@ class GRPOModule(L.LightningModule):
             "clip_eps": clip_eps, "kl_coef": kl_coef, "entropy_coef": entropy_coef, "num_iterations": num_iterations,
             "scale_rewards": scale_rewards, "stage2_warmup_steps": stage2_warmup_steps, "hidden": hidden,
             "budget_dim": budget_dim, "budget_token": bool(budget_token), "val_num_budgets": val_num_budgets,
-            "val_max_violation": val_max_violation, "guard": bool(guard), "image_size": bool(image_size), "reward": reward})
+            "val_max_violation": val_max_violation, "guard": bool(guard), "image_size": bool(image_size), "group_by": group_by,
+            "token_counts": bool(token_counts), "reward": reward})
         knob_space = KnobSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in space.items()})
         self.policy = TwoStagePolicy(knob_space, d_model=int(d_model), budget_dim=budget_dim, hidden=hidden,
-                                     budget_token=budget_token, image_size=image_size)
+                                     budget_token=budget_token, image_size=image_size,
+                                     token_counts=bool(token_counts))
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False) if kl_coef else None
         self.backbone, self.budgets = backbone, budgets  # not submodules: frozen or stateless, never saved
         self.reward = RewardConfig(**reward)
@@ -65,6 +78,9 @@ class GRPOModule(L.LightningModule):
         self.stage2_warmup_steps = stage2_warmup_steps
         self.val_max_violation = val_max_violation
         self.guard = bool(guard)
+        if group_by not in (None, "size"):
+            raise UserError(f"controller.group_by={group_by!r}: choose size or null")
+        self.group_by = group_by
         self.val_budgets: list[float] = []
         self.val_acc = torch.nn.ModuleList(MeanMetric() for _ in range(val_num_budgets))
         self.val_violation = torch.nn.ModuleList(MeanMetric() for _ in range(val_num_budgets))
@@ -87,9 +103,12 @@ class GRPOModule(L.LightningModule):
         self.env = data.env
         self.budgets.bind(self.env.feasible)
         self.val_budgets = torch.linspace(*self.env.feasible, len(self.val_acc)).tolist()
+        if self.group_by:  # the image's size class: latency statistics per group (ProfileEnv.set_groups)
+            self.env.set_groups([size_class(*s.image_size()) for s in data.samples])
         self.serving = {"feasible_ms": list(self.env.feasible),
                         "config_latency_ms": self.env.latency.nanmedian(0).values.tolist(),
-                        "config_p95_ms": self.env.p95.tolist()}
+                        "config_p95_ms": self.env.p95.tolist(),
+                        "group_p95_ms": dict(zip(self.env.group_names, self.env.group_p95.tolist()))}
         questions = [s.question for s in data.samples]
         # clone: tensors made under inference_mode cannot be module buffers that DDP broadcasts
         lang = language_features(self.backbone, questions)
@@ -103,6 +122,8 @@ class GRPOModule(L.LightningModule):
         else:
             tokens = latency_tokens(self.backbone, data.samples).clone()
         self.register_buffer("tokens", tokens, persistent=False)
+        counts = torch.from_numpy(token_count_features(self.env.token_counts[..., 0], self.env.token_counts[..., 1]))
+        self.register_buffer("counts", counts, persistent=False)  # (S, tiers, 2)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["serving"] = self.serving
@@ -118,8 +139,13 @@ class GRPOModule(L.LightningModule):
         """(B, tiers, P, d) for samples idx at their budgets: precomputed, or the budget token's pass
         (differentiable in the policy's budget token)."""
         if policy.budget_token is None:
-            return self.tokens[idx]
-        return budget_token_latency_tokens(self.backbone, policy.budget_query(budget), self.prompt_states, idx.cpu())
+            tokens = self.tokens[idx]
+        else:
+            tokens = budget_token_latency_tokens(self.backbone, policy.budget_query(budget), self.prompt_states, idx.cpu())
+        if policy.n_counts:  # stage 2's token counts ride on its latency token, the same at every p
+            counts = self.counts[idx][:, :, None].expand(-1, -1, tokens.shape[2], -1)
+            tokens = torch.cat([tokens, counts.to(tokens)], dim=-1)
+        return tokens
 
     def group_tokens(self, policy: TwoStagePolicy, idx: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         """latency_tokens for every rollout: each input's row repeated group_size times."""
@@ -147,7 +173,8 @@ class GRPOModule(L.LightningModule):
         decision = self.policy.act(lang, tokens, budget_rows, uniform_stage1=self.warming_up)
         d = _cpu(decision)
         acc, lat = self.env.outcome(rows.cpu(), d)
-        miss = self.env.miss_rate(d, budget_rows.cpu() * (1 + self.reward.slo_tolerance)) if self.reward.slo else None
+        miss = (self.env.miss_rate(d, budget_rows.cpu() * (1 + self.reward.slo_tolerance), rows.cpu())
+                if self.reward.slo else None)
         comps = reward_components(self.reward, acc, lat, budget_rows.cpu(), self.env.complexity(d), miss)
         return rows, budget, lang, tokens, decision, comps, acc, lat
 
@@ -198,7 +225,8 @@ class GRPOModule(L.LightningModule):
         idx = batch[0] if isinstance(batch, (list, tuple)) else batch
         for i, b in enumerate(self.val_budgets):
             budget = torch.full((len(idx),), b, device=self.lang.device)
-            fits = fitting(self.env.p95, budget.cpu()).to(self.device) if self.guard else None
+            p95 = self.env.group_p95[self.env.group_of[idx.cpu()]]  # each row's group's p95
+            fits = fitting(p95, budget.cpu()).to(self.device) if self.guard else None
             d = self.policy.act(self.lang[idx], self.latency_tokens(self.policy, idx, budget), budget, greedy=True,
                                 fits=fits)
             acc, lat = self.env.outcome(idx.cpu(), _cpu(d))

@@ -28,6 +28,16 @@ def image_size_features(sizes) -> np.ndarray:
     return np.log2(np.maximum(np.array([tuple(s) for s in sizes], np.float32).reshape(-1, 2), 1.0) / 256.0)
 
 
+TOKEN_COUNT_FEATURES = 2
+
+
+def token_count_features(vision_tokens, text_tokens) -> np.ndarray:
+    """(..., 2) float32: log2 of the request's vision and text token counts over 8, known at the
+    insertion point (the prompt is encoded by then); stage 2 reads them beside the latency token."""
+    counts = np.stack(np.broadcast_arrays(np.asarray(vision_tokens, np.float32), np.asarray(text_tokens, np.float32)), -1)
+    return np.log2(counts + 1.0) / 8.0
+
+
 HEADS = ("tier", "insertion", "top_k", "num_blocks")
 STAGE2 = ("top_k", "num_blocks")
 
@@ -80,9 +90,12 @@ class Decision:
 
 class TwoStagePolicy(nn.Module):
     def __init__(self, space: KnobSpace, d_model: int, budget_dim: int = 256, hidden: int = 256,
-                 budget_token: bool = False, image_size: bool = False):
+                 budget_token: bool = False, image_size: bool = False, token_counts: bool = False):
         super().__init__()
         self.space = space
+        # controller.token_counts: stage 2's latency token carries the request's vision and text token
+        # counts (token_count_features) after its d_model features: the cost of what is left to run
+        self.n_counts = TOKEN_COUNT_FEATURES if token_counts else 0
         # controller.image_size: stage 1 also reads the image's size (image_size_features), known
         # before the vision encoder runs; inputs of the same question then cost different vision tokens
         self.n_input = IMAGE_SIZE_FEATURES if image_size else 0
@@ -103,7 +116,7 @@ class TwoStagePolicy(nn.Module):
         # loses to k4 n13, since k6 looks late while num_blocks still samples n13 and n12 looks worse
         # while top_k still samples k4; three seeds settled on k4 (-1.9 points at 15 ms)
         self.n_topk, self.n_blocks = len(space.top_ks), space.max_block_options
-        self.stage2 = mlp(d_model + budget_dim + 32, hidden, self.n_topk * (1 + self.n_blocks))
+        self.stage2 = mlp(d_model + self.n_counts + budget_dim + 32, hidden, self.n_topk * (1 + self.n_blocks))
 
     def budget_query(self, budget_ms: torch.Tensor) -> torch.Tensor:
         """The budget token's input embedding, (B, 1, d_model)."""
@@ -141,7 +154,8 @@ class TwoStagePolicy(nn.Module):
     def log_prob_and_entropy(self, lang, latency_tokens, budget_ms, decision: Decision, heads=HEADS):
         """Sum of the log-probabilities of `heads` (default: all four) and every head's entropy.
 
-        latency_tokens: (B, tiers, P, d), the token after each insertion at each tier (rows vary in both).
+        latency_tokens: (B, tiers, P, d), the token after each insertion at each tier (rows vary in both),
+        with the token counts appended when the policy reads them (d = d_model + n_counts).
         """
         feat = self.budget(budget_ms)
         d_tier, ins_given = self.stage1_dists(lang, feat)
@@ -187,11 +201,13 @@ class TwoStagePolicy(nn.Module):
 
 def fitting(p95_ms: torch.Tensor, budget_ms: torch.Tensor) -> torch.Tensor:
     """The argmax guard: (B, tiers, P, K, N) bool, the configurations whose profiled 95th-percentile
-    latency p95_ms (tiers, P, K, N; NaN where invalid) fits each row's budget, or the fastest one
+    latency p95_ms (tiers, P, K, N, or (B, tiers, P, K, N) per row's input group; NaN where invalid)
+    fits each row's budget, or the fastest one
     where none does. A policy's argmax at a budget it was rarely trained at (the feasible range's low
     edge, or below it once calibration has tightened the budget) can be any configuration; with the
     guard it is never one the profile says runs late when one that keeps the budget exists."""
-    lat = p95_ms.nan_to_num(float("inf"))[None]
+    lat = p95_ms.nan_to_num(float("inf"))
+    lat = lat if lat.dim() == 5 else lat[None]
     fits = lat <= budget_ms.to(lat)[:, None, None, None, None]
     fastest = lat == lat.flatten(1).min(-1).values[:, None, None, None, None]
     return torch.where(fits.flatten(1).any(-1)[:, None, None, None, None], fits, fastest)
