@@ -1,6 +1,7 @@
 """The evaluation yardsticks of the embedded default, end to end (issue 3's acceptance run).
 
     python experiments/yardsticks.py [--val 300] [--answers 1000] [--test 1000] [--kill-after 900]
+    python experiments/yardsticks.py --model tiny_qwen3_vl_moe --data synth_vqa ...   # the testbed (issue 17)
 
 1. profile the val split at every configuration (measured latency), SIGKILLed after --kill-after
    seconds and started again, then counts the unique rows (must be val x 225);
@@ -14,10 +15,13 @@
 7. train the GRPO controller (python -m lvlm_ctrl.train controller=grpo, the defaults) on that
    profile;
 8. evaluate static-full, lookup, lookup_boot, grpo and oracle on the test split at the lookup's 10
-   budgets, latency measured at batch size 1 (--fresh-evals: again, e.g. on another machine or day).
-Each step writes into outputs/experiments/yardsticks/; a rerun skips finished steps (the profile
-resumes). The figures and commands land in outputs/experiments/yardsticks.json. Run it alone:
-two shared cores skew every latency.
+   budgets, latency measured at batch size 1 (--fresh-evals: again, e.g. on another machine or day);
+   where sample ids name question families (synth_vqa), also the structured oracle: a lookup table
+   per question family x image size class (controller.build.group_by=family_size), chosen on the
+   val profile and applied to test, the realisable ceiling for controllers that see those features.
+Each step writes into outputs/experiments/yardsticks[-<model>-<data>]/; a rerun skips finished
+steps (the profile resumes). The figures and commands land in that directory's name + .json. Run
+it alone: two shared cores skew every latency.
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ sys.path.insert(0, str(ROOT))
 from lvlm_ctrl.io import atomic_write_json, machine
 from lvlm_ctrl.profiling import read_profile, stored_rows
 
-OUT = ROOT / "outputs" / "experiments" / "yardsticks"
+OUT = ROOT / "outputs" / "experiments" / "yardsticks"  # + -<model>-<data> off the defaults
+TESTBED: list[str] = []  # model=..., data=... given to every command
 steps: dict[str, dict] = {}
 
 
 def run(name: str, args: list[str], done: Path | None = None, kill_after: float | None = None) -> None:
     """python -m <args>, timed; skipped when `done` exists; SIGKILLed once after kill_after seconds."""
+    if args[0] != "lvlm_ctrl.profile_bootstrap":  # the one command that is not a Hydra app
+        args = [args[0], *TESTBED, *args[1:]]
     cmd = [sys.executable, "-m", *args]
     if done is not None and done.exists():
         print(f"[{name}] done already: {done}")
@@ -74,7 +81,14 @@ def main() -> None:
     ap.add_argument("--answers", type=int, default=1000, help="val questions answered for GRPO's training profile")
     ap.add_argument("--kill-after", type=float, default=900.0, help="seconds into the val profile; 0 = no kill")
     ap.add_argument("--fresh-evals", action="store_true", help="rerun the evaluations (not the profiles)")
+    ap.add_argument("--model", default="tiny_moe")
+    ap.add_argument("--data", default="easy_vqa")
     a = ap.parse_args()
+    global OUT
+    TESTBED[:] = ["model=" + a.model, "data=" + a.data]
+    if (a.model, a.data) != ("tiny_moe", "easy_vqa"):
+        OUT = OUT.with_name(f"yardsticks-{a.model}-{a.data}")
+    structured = a.data == "synth_vqa"
     val_profile, test_profile = OUT / f"profile-val-{a.val}", OUT / f"profile-test-{a.test}"
     lat_model, report_dir, lookup_dir = OUT / "latency_model.json", OUT / "profile_report", OUT / "lookup"
     test_data = ["data.split=test", f"data.limit={a.test}"]
@@ -112,6 +126,12 @@ def main() -> None:
     run("train_grpo", ["lvlm_ctrl.train", "controller=grpo", "budget=uniform", f"profile.path={boot}",
                        f"data.limit={a.answers}", f"hydra.run.dir={grpo_dir}"], done=grpo_dir / "checkpoints" / "best.ckpt")
 
+    if structured:
+        lookup_structured = OUT / "lookup-structured"
+        run("lookup_structured", ["lvlm_ctrl.train", "controller=lookup", f"profile.path={val_profile}",
+                                  "controller.build.group_by=family_size", f"hydra.run.dir={lookup_structured}"],
+            done=lookup_structured / "lookup_table.json")
+
     from lvlm_ctrl.controllers.lookup import LookupTable
 
     lo, hi = LookupTable.load(lookup_dir / "lookup_table.json").feasible_range()
@@ -124,6 +144,9 @@ def main() -> None:
         "grpo": ["controller=grpo", f"ckpt={grpo_dir / 'checkpoints' / 'best.ckpt'}"],
         "oracle": ["controller=oracle", f"profile.path={test_profile}"],
     }
+    if structured:
+        evals["structured_oracle"] = ["controller=lookup",
+                                      f"controller.table={lookup_structured / 'lookup_table.json'}"]
     if a.fresh_evals:  # one session's latencies: compare controllers measured on the same day
         for name in evals:
             (OUT / "eval" / name / "eval_summary.json").unlink(missing_ok=True)
@@ -149,6 +172,15 @@ def main() -> None:
         # the share of the lookup-to-oracle AUC gap that GRPO closes (1 = as good as the oracle)
         "grpo_gap_share": (summaries["grpo"]["auc"] - summaries["lookup"]["auc"])
         / (summaries["oracle"]["auc"] - summaries["lookup"]["auc"]),
+        **({"grpo_structured_gap_share": (summaries["grpo"]["auc"] - summaries["lookup"]["auc"])
+            / (summaries["structured_oracle"]["auc"] - summaries["lookup"]["auc"]),
+            "structure": {
+                "full_p95_over_p5": summaries["static_full"]["results"][0]["p95_latency_ms"]
+                / summaries["static_full"]["results"][0]["p5_latency_ms"],
+                "full_accuracy_by_family": summaries["static_full"]["results"][0]["accuracy_by_family"],
+                "structured_minus_lookup_auc_points": round(
+                    100 * (summaries["structured_oracle"]["auc"] - summaries["lookup"]["auc"]), 2)}}
+           if structured else {}),
         "controller_overhead_ms": {n: sorted(r["controller_overhead_ms"] for r in s["results"])[len(s["results"]) // 2]
                                    for n, s in summaries.items()},
         "steps": steps, "machine": machine(),
@@ -161,7 +193,8 @@ def main() -> None:
     print(json.dumps({k: report[k] for k in ("val_profile", "pareto_span", "latency_model_mape", "auc",
                                              "max_lookup_violation", "max_grpo_violation",
                                              "grpo_minus_lookup_min_points", "grpo_gap_share",
-                                             "controller_overhead_ms")}, indent=1))
+                                             "grpo_structured_gap_share", "structure",
+                                             "controller_overhead_ms") if k in report}, indent=1))
 
 
 if __name__ == "__main__":

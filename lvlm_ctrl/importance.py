@@ -101,9 +101,9 @@ def main(cfg: DictConfig) -> None:
     atomic_write_json(out, result)
     print(f"ranking (most important first): {ranking}\nwrote {out}")
     if cfg.install:
-        from lvlm_ctrl.backbone import EMBEDDED
+        from lvlm_ctrl.backbone import ASSETS
 
-        atomic_write_json(Path(cfg.model.path or EMBEDDED) / "importance.json", result)
+        atomic_write_json(Path(cfg.model.path or ASSETS / cfg.model.name) / "importance.json", result)
         print("installed as the backbone's default ranking")
 
 

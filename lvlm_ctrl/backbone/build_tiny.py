@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lvlm_ctrl.backbone.families import image_only
@@ -39,13 +39,30 @@ def byte_tokenizer(specials: dict[str, str], extra: tuple[str, ...] = ()) -> Pre
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", extra_special_tokens=others, **named)
 
 
+def word_tokenizer(specials: dict[str, str], words: list[str], extra: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """One token per word of `words` (lower-cased, punctuation split off), plus the family's special
+    tokens: a trained tiny model answers in words, and an answer of n words is n + 1 decode steps."""
+    tokens = list(dict.fromkeys([*specials.values(), *extra, "<unk>", *words, "?", ",", ".", ":"]))
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(list(dict.fromkeys([*specials.values(), *extra])))
+    named = {k: v for k, v in specials.items() if k in ("pad_token", "eos_token", "bos_token", "unk_token")}
+    others = {k: v for k, v in specials.items() if k not in named}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", unk_token="<unk>",
+                                   extra_special_tokens=others, **named)
+
+
 def qwen3_vl_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: int = 8,
-                 text_shape: dict | None = None, vision_shape: dict | None = None):
-    """text_shape / vision_shape override the tiny sizes (experiments/gpu_qwen3_vl_30b.py: the 30B-A3B shape)."""
+                 text_shape: dict | None = None, vision_shape: dict | None = None, words: list[str] | None = None):
+    """text_shape / vision_shape override the tiny sizes (experiments/gpu_qwen3_vl_30b.py: the 30B-A3B
+    shape); with `words`, a word-level tokenizer over them (pretrain_vlm.py: the synth-VQA testbed)."""
     from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    tokenizer = byte_tokenizer(QWEN_SPECIALS, ("<|im_start|>",))
+    extra = ("<|im_start|>",)
+    tokenizer = word_tokenizer(QWEN_SPECIALS, [*words, "user", "assistant"], extra) if words else \
+        byte_tokenizer(QWEN_SPECIALS, extra)
     ids = {k: tokenizer.convert_tokens_to_ids(v) for k, v in QWEN_SPECIALS.items()}
     patch, merge = 16, 2
     image_processor = Qwen2VLImageProcessorPil(
@@ -67,6 +84,9 @@ def qwen3_vl_moe(seed: int = 0, num_blocks: int = 16, experts: int = 64, top_k: 
                               video_token_id=ids["video_token"], vision_start_token_id=ids["vision_start_token"],
                               vision_end_token_id=ids["vision_end_token"], pad_token_id=ids["pad_token"],
                               eos_token_id=ids["eos_token"])
+    if words:  # to be trained (pretrain_vlm.py): the family's own initialisation
+        torch.manual_seed(seed)
+        return Qwen3VLMoeForConditionalGeneration(config), processor
     return random_model(Qwen3VLMoeForConditionalGeneration, config, seed), processor
 
 

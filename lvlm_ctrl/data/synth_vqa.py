@@ -72,6 +72,27 @@ def generate(out: Path, split: str, seed: int, images: int | None = None) -> Non
     atomic_write_json(out / "manifest.json", {"split": split, "seed": seed, "samples": rows})
 
 
+def inside(shape: str, dx, dy, r):
+    """Whether offsets (dx, dy) from a shape's centre fall inside it at radius r (as Scene.draw draws
+    it; numbers or tensors)."""
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (abs(dx) <= r) & (abs(dy) <= r)
+    if shape == "diamond":
+        return abs(dx) + abs(dy) <= r
+    if shape == "triangle":  # apex (0, -r), base from (-r, r) to (r, r)
+        return (dy <= r) & (abs(dx) <= (dy + r) / 2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def scene_of(image_path: str, seed: int = 0) -> Scene:
+    """The scene an image of a split was drawn from (image i of a split depends on (seed, split, i)
+    alone): the objects, count and digit a training probe can learn from."""
+    path = Path(image_path)
+    return Scene.sample(np.random.default_rng([seed, SPLIT_SEEDS[path.parent.name], int(path.stem)]))
+
+
 class Scene:
     """Objects side by side on a plain background, and a small box with a digit in a free corner."""
 
@@ -101,8 +122,9 @@ class Scene:
             cx = slot * (k + 0.5) + rng.uniform(-0.1, 0.1) * slot
             cy = height * rng.uniform(0.45, 0.7)
             objects.append((colour, shape, cx, cy, r))
-        # the glyph: a digit whose height is 7-9% of the short side, top-left or top-right
-        side = max(12, int(short * rng.uniform(0.07, 0.09)))
+        # the glyph: a digit in a box 9-11% of the short side (at least 20 px), top-left or top-right:
+        # 2-4 of Qwen's 16-px patches at the high tier, under one at the low tier on a large image
+        side = max(20, int(short * rng.uniform(0.09, 0.11)))
         x0 = 4 if rng.random() < 0.5 else width - side - 4
         background = tuple(int(v) for v in rng.integers(200, 250, size=3))
         return cls(width, height, background, objects, int(rng.integers(0, 10)), (x0, 4, side))

@@ -1,0 +1,97 @@
+"""The synth-VQA testbed's backbone: its word-level tokenizer, the scene targets under each vision
+token, and a real (short) pretraining run whose checkpoint the serving path loads and answers with."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lvlm_ctrl.backbone.build_tiny import QWEN_SPECIALS, qwen3_vl_moe, word_tokenizer
+from lvlm_ctrl.backbone.families import family_class
+from lvlm_ctrl.data import build_dataset
+from lvlm_ctrl.data.synth_vqa import COLORS, generate, inside, scene_of, vocabulary
+from lvlm_ctrl.knobs import Knobs
+from lvlm_ctrl.pretrain_vlm import synth_token_labels
+from tests.conftest import error_line, run_cli
+
+
+def test_word_tokenizer_gives_one_token_per_word_and_decodes_answers():
+    tok = word_tokenizer(QWEN_SPECIALS, vocabulary())
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>what colors are the shapes from left to right?"
+    assert tok.tokenize(prompt)[3:] == ["what", "colors", "are", "the", "shapes", "from", "left", "to", "right", "?"]
+    ids = tok("red green blue<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 4 and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "red green blue"
+    assert tok.convert_ids_to_tokens(tok("zebra")["input_ids"]) == ["<unk>"]
+
+
+def test_inside_matches_the_drawn_shapes(tmp_path):
+    """synth_vqa.inside agrees with Scene.draw's pixels: the points it calls inside an object have
+    the object's colour."""
+    generate(tmp_path / "val", "val", 0, images=8)
+    checked = 0
+    for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[::3]:
+        img = np.asarray(s.load_image())
+        for colour, shape, cx, cy, r in scene_of(s.image_path).objects:
+            for dx in np.linspace(-r, r, 9):
+                for dy in np.linspace(-r, r, 9):
+                    if inside(shape, dx, dy, 0.9 * r):
+                        assert tuple(img[int(cy + dy), int(cx + dx)]) == COLORS[colour]
+                        checked += 1
+    assert checked > 100
+
+
+def test_token_targets_follow_the_processors_token_order(tmp_path):
+    """Each merged vision token's colour target is the colour at the centre of that token's pixels
+    as the processor laid them out (merge units in raster order): a transposed or column-major
+    order would put the targets on other tokens."""
+    generate(tmp_path / "val", "val", 0, images=6)
+    model, processor = qwen3_vl_moe(words=vocabulary())
+    ip = processor.image_processor
+    family = family_class("qwen3_vl_moe")(model, processor)
+    labels = synth_token_labels(seed=0)
+    mean, std = np.array(ip.image_mean), np.array(ip.image_std)
+    hits = total = 0
+    for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[::3]:
+        out = processor(images=[s.load_image()], text=[family.prompt.format(question=s.question)],
+                        return_tensors="pt", **family.tier_kwargs(256))
+        _, h, w = out["image_grid_thw"][0].tolist()
+        target = labels(s.image_path, h, w)
+        assert target.shape == ((h // 2) * (w // 2), 3) and (target[:, 2] >= 0).sum() == 1
+        # merge unit k = patches 4k..4k+3; the top-left patch's last pixel touches the unit's centre
+        patches = out["pixel_values"].reshape(-1, 4, 3, 2, 16, 16)[:, 0, :, 0, 15, 15].numpy()
+        rgb = (patches * std + mean) * 255
+        for k in torch.nonzero(target[:, 0] < len(COLORS)).flatten().tolist():
+            total += 1
+            hits += np.abs(rgb[k] - COLORS[list(COLORS)[target[k, 0]]]).max() < 40
+    assert total > 20 and hits / total > 0.9
+
+
+def test_pretrain_vlm_writes_a_checkpoint_the_serving_path_answers_with(tmp_path):
+    for split, n in (("train", 16), ("val", 4), ("test", 2)):
+        generate(tmp_path / "data" / split, split, 0, images=n)
+    out = tmp_path / "run"
+    proc = run_cli("lvlm_ctrl.pretrain_vlm", f"data.root={tmp_path / 'data'}", "trainer.max_steps=3",
+                   "vision_warmup_steps=1", "batch_size=4", "val_limit=4", "test_limit=6",
+                   "trainer.val_check_interval=3", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = out / "tiny_qwen3_vl_moe"
+    provenance = json.loads((ckpt / "provenance.json").read_text())
+    assert provenance["steps"] == 3 and set(provenance["test_teacher_forced_acc"]) >= {"all", "digit", "order"}
+
+    from lvlm_ctrl.backbone import load_backbone
+
+    backbone = load_backbone(str(ckpt), tiers={"low": 16, "medium": 64, "high": 256}, name="tiny_qwen3_vl_moe")
+    s = build_dataset("synth_vqa", split="test", root=str(tmp_path / "data")).samples[0]
+    full = backbone.space.full()
+    low, high = (backbone.generate([s.load_image()], [s.question], Knobs(t, full.insertion, full.top_k, full.num_blocks))
+                 for t in ("low", "high"))
+    assert low.vision_tokens[0] < high.vision_tokens[0] and high.output_tokens[0] >= 1
+
+
+@pytest.mark.parametrize("family, message", [("llama", "family='llama': choose one of"),
+                                             ("glm4v_moe", "family=glm4v_moe: pretrain_vlm builds")])
+def test_unknown_or_unsupported_family_is_one_line(tmp_path, family, message):
+    bad = run_cli("lvlm_ctrl.pretrain_vlm", f"family={family}", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0 and message in error_line(bad)
