@@ -117,13 +117,20 @@ class PretrainVLM(L.LightningModule):
         self.lr, self.weight_decay, self.warmup_steps, self.total_steps = lr, weight_decay, warmup_steps, total_steps
         self.random_config_prob = random_config_prob
 
-    def _loss(self, batch, knobs: Knobs):
+    def _forward(self, batch, knobs: Knobs):
+        """-> (logits, the vision encoder's output) of the batch at `knobs`."""
         inputs = dict(batch["inputs"])
-        vision = {k: inputs.pop(k) for k in list(inputs) if k in self.vision_params}
+        vision = {k: inputs[k] for k in list(inputs) if k in self.vision_params}
+        # the forward keeps the image grid (its multimodal rope positions read it, as in serving,
+        # where Backbone.encode computes them from the same inputs) but not the pixels
+        inputs = {k: v for k, v in inputs.items() if not k.startswith("pixel_values")}
         with self.hooks.apply(knobs):
             # the vision encoder once, its output given to the forward as Backbone.prefill does
             image = self.model.base_model.get_image_features(**vision, return_dict=True)
-            logits = self.model(**inputs, mm_encoder_outputs={"image": image}, use_cache=False).logits
+            return self.model(**inputs, mm_encoder_outputs={"image": image}, use_cache=False).logits, image
+
+    def _loss(self, batch, knobs: Knobs):
+        logits, image = self._forward(batch, knobs)
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         # teacher-forced exact match: every answer token and the end of turn right

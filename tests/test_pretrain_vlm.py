@@ -68,6 +68,29 @@ def test_token_targets_follow_the_processors_token_order(tmp_path):
     assert total > 20 and hits / total > 0.9
 
 
+def test_training_forward_is_the_serving_forward(tmp_path):
+    """The logits training reads at the answer's first position are the ones Backbone.generate
+    decodes from (same positions, masks and deepstack), at the full and at a reduced configuration."""
+    from lvlm_ctrl.backbone import Backbone
+    from lvlm_ctrl.pretrain_vlm import Collate, PretrainVLM
+
+    generate(tmp_path / "val", "val", 0, images=2)
+    s = build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[3]
+    model, processor = qwen3_vl_moe(words=vocabulary(), seed=1)
+    backbone = Backbone(model, processor, {"low": 16, "high": 256}, None, None, 4, name="t")
+    module = PretrainVLM(model, backbone.space, 1e-3, 0.0, 1, 10, 0.0)
+    tiers = {t: backbone.family.tier_kwargs(v) for t, v in backbone.tier_sizes.items()}
+    for knobs in (backbone.space.full(), Knobs("low", 2, 5, 13)):
+        batch = Collate(processor, backbone.prompt, tiers, fixed_tier=knobs.tier)([s])
+        n = int((batch["labels"] != -100).sum())
+        with torch.no_grad():
+            trained = module._forward(batch, knobs)[0][0, -(n + 1)]
+            prompt = backbone.encode([s.load_image()], [s.question], knobs.tier)
+            with backbone.hooks.apply(knobs):
+                served = backbone.prefill(prompt, backbone.vision(prompt), logits_to_keep=1).logits[0, -1]
+        assert torch.allclose(trained, served, atol=1e-4)
+
+
 def test_pretrain_vlm_writes_a_checkpoint_the_serving_path_answers_with(tmp_path):
     for split, n in (("train", 16), ("val", 4), ("test", 2)):
         generate(tmp_path / "data" / split, split, 0, images=n)
