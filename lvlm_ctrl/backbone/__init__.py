@@ -253,7 +253,8 @@ def load_backbone(path: str | None = None, tiers: dict | None = None, importance
     root = Path(path) if path else ASSETS / (name or EMBEDDED.name)
     if not (root / "config.json").exists():
         raise UserError(f"no model checkpoint at {root}: pass model.path=DIR holding config.json and weights "
-                        "(python -m lvlm_ctrl.pretrain or python -m lvlm_ctrl.backbone.build_tiny writes one)")
+                        "(python -m lvlm_ctrl.pretrain, python -m lvlm_ctrl.pretrain_vlm or python -m lvlm_ctrl.backbone.build_tiny "
+                        "writes one)")
     hf_logging.disable_progress_bar()
     try:
         family = family_class(AutoConfig.from_pretrained(root, local_files_only=True).model_type)
