@@ -103,7 +103,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.install:
         from lvlm_ctrl.backbone import ASSETS
 
-        atomic_write_json(Path(cfg.model.path or ASSETS / cfg.model.name) / "importance.json", result)
+        atomic_write_json(Path(cfg.model.path or ASSETS / (cfg.model.get("asset") or "tiny_moe")) / "importance.json", result)
         print("installed as the backbone's default ranking")
 
 

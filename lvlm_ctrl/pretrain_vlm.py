@@ -254,8 +254,8 @@ def main(cfg: DictConfig) -> float:
     })
     print(f"test accuracy (full configuration, teacher-forced): {test}; saved to {out}")
     if cfg.install:
-        shutil.copytree(out, ASSETS / cfg.model.name, dirs_exist_ok=True)
-        print(f"installed into {ASSETS / cfg.model.name}")
+        shutil.copytree(out, ASSETS / cfg.model.asset, dirs_exist_ok=True)
+        print(f"installed into {ASSETS / cfg.model.asset}")
     return test["all"]
 
 

@@ -245,12 +245,14 @@ def load_backbone(path: str | None = None, tiers: dict | None = None, importance
                   prompt: str | None = None, max_new_tokens: int = 8, device: str = "cpu",
                   dtype: str = "float32", experts_implementation: str | None = "batched_mm",
                   name: str | None = None, insertions: list[int] | None = None,
-                  top_ks: list[int] | None = None, device_map: str | dict | None = None) -> Backbone:
+                  top_ks: list[int] | None = None, device_map: str | dict | None = None,
+                  asset: str | None = None) -> Backbone:
     """Load a backbone saved with save_pretrained from a local directory (never from a hub); its
     family (families.py) comes from config.model_type. prompt=None takes the family's template;
     device_map (e.g. "auto") spreads a model larger than one device over several (accelerate).
-    path=None: the embedded backbone called `name` (lvlm_ctrl/assets/<name>, tiny_moe by default)."""
-    root = Path(path) if path else ASSETS / (name or EMBEDDED.name)
+    path=None: a backbone shipped in lvlm_ctrl/assets/<asset> (tiny_moe, the embedded default, unless
+    `asset` names another)."""
+    root = Path(path) if path else ASSETS / (asset or EMBEDDED.name)
     if not (root / "config.json").exists():
         raise UserError(f"no model checkpoint at {root}: pass model.path=DIR holding config.json and weights "
                         "(python -m lvlm_ctrl.pretrain, python -m lvlm_ctrl.pretrain_vlm or python -m lvlm_ctrl.backbone.build_tiny "
