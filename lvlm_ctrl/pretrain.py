@@ -204,15 +204,22 @@ class PretrainModule(L.LightningModule):
             print(f"step {self.global_step}: {parts}", flush=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # the backbone's parameters only: the shipped weights were trained so (the probe head stays at
+        # its initialisation, a fixed random target for the pooled image tokens)
+        return warmup_cosine(self.model.parameters(), self.lr, self.weight_decay, self.warmup_steps, self.total_steps)
 
-        def schedule(step):
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            frac = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-            return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item())
 
-        return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}]
+def warmup_cosine(params, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):
+    """AdamW, linear warm-up, then cosine to 5% of lr at total_steps: configure_optimizers' return."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def schedule(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item())
+
+    return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}]
 
 
 def cache_pixels(processor, paths: list[str], tiers: dict[str, int], cache_file: str | None = None) -> dict:

@@ -35,7 +35,7 @@ from lvlm_ctrl.backbone.hooks import KnobHooks
 from lvlm_ctrl.data import question_family, synth_vqa
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.knobs import Knobs, KnobSpace
-from lvlm_ctrl.pretrain import save
+from lvlm_ctrl.pretrain import save, warmup_cosine
 
 
 class Collate:
@@ -187,15 +187,8 @@ class PretrainVLM(L.LightningModule):
             print(f"step {self.global_step}: {parts}", flush=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-
-        def schedule(step):
-            if step < self.warmup_steps:
-                return (step + 1) / self.warmup_steps
-            frac = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-            return 0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(frac * torch.pi)).item())
-
-        return [opt], [{"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, schedule), "interval": "step"}]
+        # every parameter, the scene probe's head included (the model's alone left it a fixed random target)
+        return warmup_cosine(self.parameters(), self.lr, self.weight_decay, self.warmup_steps, self.total_steps)
 
 
 def teacher_forced_accuracy(module: PretrainVLM, loader) -> dict[str, float]:

@@ -91,6 +91,18 @@ def test_training_forward_is_the_serving_forward(tmp_path):
         assert torch.allclose(trained, served, atol=1e-4)
 
 
+def test_the_optimizer_trains_the_probe_head_too():
+    from lvlm_ctrl.backbone.hooks import KnobHooks
+    from lvlm_ctrl.knobs import KnobSpace
+    from lvlm_ctrl.pretrain_vlm import PretrainVLM
+
+    model, _ = qwen3_vl_moe(words=vocabulary())
+    module = PretrainVLM(model, KnobSpace.for_backbone(("low", "high"), KnobHooks(model)), 1e-3, 0.0, 1, 10, 0.0, 0.5)
+    (opt,), _ = module.configure_optimizers()
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert {id(p) for p in module.parameters()} == trained and id(module.scene_head.weight) in trained
+
+
 def test_pretrain_vlm_writes_a_checkpoint_the_serving_path_answers_with(tmp_path):
     for split, n in (("train", 16), ("val", 4), ("test", 2)):
         generate(tmp_path / "data" / split, split, 0, images=n)
