@@ -72,14 +72,18 @@ def warm_up(backbone, controller, samples, budget, n: int = 3, image=None) -> No
         # inputs may differ in cost, and a request on an input just served runs faster than one on a
         # new input (as each sample's first request is served): take turns over up to 64 inputs
         requests = itertools.cycle(samples[:64])
-        staged = hasattr(controller, "serve")  # decides inside the prefill, which costs beside the decision
 
         def run(knobs):
             s = next(requests)
-            img = image if image is not None else s.load_image()
-            decide = (lambda _token, _prompt: (knobs.top_k, knobs.num_blocks)) if staged else None
-            return backbone.generate([img], [s.question], knobs, decide=decide).total_ms
+            return served_at(backbone, controller, knobs, s.question, image if image is not None else s.load_image())
         calibration.warm_up(run, controller.profiled_configurations(), float(np.median(overheads or [0.0])))
+
+
+def served_at(backbone, controller, knobs, question: str, image) -> float:
+    """One request at fixed knobs, timed as the controller serves it (a two-stage controller decides
+    stage 2 inside the prefill, which costs beside the decision): its latency in ms."""
+    decide = (lambda _token, _prompt: (knobs.top_k, knobs.num_blocks)) if hasattr(controller, "serve") else None
+    return backbone.generate([image], [question], knobs, decide=decide).total_ms
 
 
 def serving_grid(budgets: list[float], floor_ms: float | None) -> list[float]:
@@ -128,8 +132,7 @@ def floor_probe(backbone, controller):
     machine can keep, minute by minute, where the warm-up's floor saw a few seconds. A budget below
     its 95th percentile cannot be kept by any controller (issue 15's drift criterion)."""
     knobs = min(controller.profiled_configurations(), key=lambda c: c[1])[0]
-    decide = (lambda _token, _prompt: (knobs.top_k, knobs.num_blocks)) if hasattr(controller, "serve") else None
-    return lambda s, image: backbone.generate([image], [s.question], knobs, decide=decide).total_ms
+    return lambda s, image: served_at(backbone, controller, knobs, s.question, image)
 
 
 def keepable(results: list[dict], probes: list[float], overhead_ms: float) -> dict:

@@ -172,16 +172,7 @@ class PretrainModule(L.LightningModule):
             loss = self._vision_loss(batch)
             self.log("train/vision_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
             return loss
-        full = self.space.full()
-        if random.random() < self.random_config_prob:
-            p = random.choice(self.space.insertions)
-            knobs = Knobs(batch["tier"], p, random.choice(self.space.top_ks),
-                          random.choice(self.space.num_blocks_options(p)))
-            rest = list(range(1, self.space.num_layers))
-            random.shuffle(rest)
-            self.hooks.ranking = [0] + rest  # any block may be skipped, so learn to survive all
-        else:
-            knobs = Knobs(batch["tier"], full.insertion, full.top_k, full.num_blocks)
+        knobs = training_knobs(self.space, self.hooks, batch["tier"], self.random_config_prob)
         loss, correct, _ = self._loss(batch, knobs)
         self.log_dict({"train/loss": loss, "train/acc": correct.float().mean()}, prog_bar=True,
                       batch_size=len(batch["labels"]))
@@ -207,6 +198,21 @@ class PretrainModule(L.LightningModule):
         # the backbone's parameters only: the shipped weights were trained so (the probe head stays at
         # its initialisation, a fixed random target for the pooled image tokens)
         return warmup_cosine(self.model.parameters(), self.lr, self.weight_decay, self.warmup_steps, self.total_steps)
+
+
+def training_knobs(space: KnobSpace, hooks: KnobHooks, tier: str, random_config_prob: float) -> Knobs:
+    """The configuration a training batch runs at `tier`: the full one, or with probability
+    random_config_prob a random one, blocks skipped by a random ranking (set on `hooks`) so that the
+    model learns to survive any of them skipped."""
+    full = space.full()
+    if random.random() < random_config_prob:
+        p = random.choice(space.insertions)
+        knobs = Knobs(tier, p, random.choice(space.top_ks), random.choice(space.num_blocks_options(p)))
+        rest = list(range(1, space.num_layers))
+        random.shuffle(rest)
+        hooks.ranking = [0] + rest
+        return knobs
+    return Knobs(tier, full.insertion, full.top_k, full.num_blocks)
 
 
 def warmup_cosine(params, lr: float, weight_decay: float, warmup_steps: int, total_steps: int):

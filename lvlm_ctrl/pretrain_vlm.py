@@ -35,7 +35,7 @@ from lvlm_ctrl.backbone.hooks import KnobHooks
 from lvlm_ctrl.data import question_family, synth_vqa
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.knobs import Knobs, KnobSpace
-from lvlm_ctrl.pretrain import save, warmup_cosine
+from lvlm_ctrl.pretrain import save, training_knobs, warmup_cosine
 
 
 class Collate:
@@ -155,15 +155,7 @@ class PretrainVLM(L.LightningModule):
             loss = self._scene_loss(image.pooler_output, batch["scene"])
             self.log("train/vision_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
             return loss
-        full = self.space.full()
-        knobs = Knobs(batch["tier"], full.insertion, full.top_k, full.num_blocks)
-        if random.random() < self.random_config_prob:
-            p = random.choice(self.space.insertions)
-            knobs = Knobs(batch["tier"], p, random.choice(self.space.top_ks),
-                          random.choice(self.space.num_blocks_options(p)))
-            rest = list(range(1, self.space.num_layers))
-            random.shuffle(rest)
-            self.hooks.ranking = [0] + rest  # any block may be skipped, so learn to survive all
+        knobs = training_knobs(self.space, self.hooks, batch["tier"], self.random_config_prob)
         loss, correct = self._loss(batch, knobs)
         self.log_dict({"train/loss": loss, "train/acc": correct.float().mean()}, prog_bar=True,
                       batch_size=len(correct))

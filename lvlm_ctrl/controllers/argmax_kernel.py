@@ -55,7 +55,7 @@ class ArgmaxKernel:
             l1, l2 = pol.stage1[0], pol.stage2[0]
             masks = None
             if self.p95 is not None:
-                p95 = self.p95 if not isinstance(self.p95, dict) else self.p95.get(group, self.p95.get("all"))
+                p95 = self.p95 if not isinstance(self.p95, dict) else self.p95.get(group)
                 if p95 is None:
                     p95 = torch.stack(list(self.p95.values())).nan_to_num(float("inf")).amax(0)  # unseen group: the worst
                 fits = fitting(p95, torch.tensor([budget_ms]))[0]

@@ -49,7 +49,7 @@ class ProfileEnv:
         self.latency[si, ti, pi, ki, ni] = torch.tensor(lat, dtype=torch.float32)
         # the feasible range as the lookup table sees it: the fastest and the slowest configuration's
         # 95th-percentile latency (rows a disturbance slowed left out), so both default to the same budgets
-        q95 = [robust_quantile(col, 0.95) for col in self.latency.reshape(len(self.sample_ids), -1).T.numpy()]
+        q95 = self._q95(torch.arange(len(self.sample_ids)))
         self.p95 = torch.tensor(q95, dtype=torch.float32).reshape(shape[1:])  # (tiers, P, K, N), NaN where invalid
         self.feasible = (float(np.nanmin(q95)), float(np.nanmax(q95)))
         self.tier_cost = torch.arange(1, len(space.tiers) + 1, dtype=torch.float32) / len(space.tiers)
@@ -73,8 +73,9 @@ class ProfileEnv:
         self.group_of = torch.tensor([names.index(g) for g in groups] if groups is not None else
                                      [0] * len(self.sample_ids))
         self.min_group = min_samples
-        self.group_p95 = torch.stack([self._p95(self._group_rows(g, torch.arange(len(self.sample_ids))))
-                                      for g in range(len(names))])
+        self.group_p95 = torch.stack([
+            torch.tensor(self._q95(self._group_rows(g, torch.arange(len(self.sample_ids)))),
+                         dtype=torch.float32).reshape(self.p95.shape) for g in range(len(names))])
         if hasattr(self, "_slo_rows"):
             self.use_for_slo(self._slo_rows)
 
@@ -82,9 +83,10 @@ class ProfileEnv:
         mine = rows[self.group_of[rows] == g]
         return mine if len(mine) >= self.min_group else rows
 
-    def _p95(self, rows: torch.Tensor) -> torch.Tensor:
-        lat = self.latency[rows].reshape(len(rows), -1).T.numpy()
-        return torch.tensor([robust_quantile(col, 0.95) for col in lat], dtype=torch.float32).reshape(self.p95.shape)
+    def _q95(self, rows: torch.Tensor) -> list[float]:
+        """Each configuration's 95th-percentile latency over samples `rows`, flat (rows a disturbance
+        slowed left out: profiling.robust_quantile)."""
+        return [robust_quantile(col, 0.95) for col in self.latency[rows].reshape(len(rows), -1).T.numpy()]
 
     def use_for_slo(self, rows: torch.Tensor) -> None:
         """The samples a configuration's miss rate is counted on (the training split, not validation),
