@@ -43,7 +43,7 @@ class LatencyCalibration:
     max_margin: float = 1.5
     warmup: int = 6             # configurations timed by warm_up (0 = none)
     floor: int = 40             # timings of the cheapest configuration at warm_up: the serving floor
-    drift: float = 0.15         # the floor's allowance for the machine's drift over an evaluation
+    drift: float = 0.30         # the floor's allowance for the machine's drift over an evaluation
     prior: float = 4.0          # weight of the identity line (measured = profiled) before any request
     band: float = 0.1           # margins are kept per budget band of this relative width
 
