@@ -13,13 +13,15 @@ budgets the slowed machine can still keep at all.
         --ckpt outputs/run/<time>/train/checkpoints/best.ckpt [--test 1000]
 
 Writes experiments/results/drift.json (the commands, the machine, every summary's per-budget
-accuracy and violation rate). Run it alone: it measures latency.
+accuracy and violation rate). Run it alone: it measures latency. Under the neighbour the evaluations
+run one torch thread (`--threads`; 0 = as without it): the server leaves the busy process its core.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,15 +37,20 @@ OUT = ROOT / "outputs" / "experiments" / "drift"
 BUSY = ("import time, sys\nduty = float(sys.argv[1])\nwhile True:\n    t = time.perf_counter()\n"
         "    while time.perf_counter() - t < 0.02 * duty: pass\n    time.sleep(0.02 * (1 - duty))")
 DUTY = 1.0
+# with torch on both cores, a busy process stalls every parallel op of a request (the cheapest
+# configuration's p95 went from ~20 to 371 ms: no budget left to keep); a server on a shared machine
+# keeps the cores it has, so under the neighbour the evaluation runs one thread (--threads 0: as is)
+THREADS = 1
 
 
 def evaluate(name: str, args: list[str], neighbour: bool) -> dict:
     run_dir = OUT / name
     cmd = [sys.executable, "-m", "lvlm_ctrl.evaluate", *args, f"hydra.run.dir={run_dir}"]
     busy = subprocess.Popen([sys.executable, "-c", BUSY, str(DUTY)]) if neighbour else None
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS)) if neighbour and THREADS else None
     t0 = time.time()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
     finally:
         if busy is not None:
             busy.kill()
@@ -54,8 +61,9 @@ def evaluate(name: str, args: list[str], neighbour: bool) -> dict:
     print(f"[{name}] {time.time() - t0:.0f} s, AUC {summary['auc']}", flush=True)
     return {"command": " ".join(["python -m lvlm_ctrl.evaluate", *args]), "neighbour": neighbour,
             "wall_s": round(time.time() - t0, 1), "auc": summary["auc"], "calibration": summary["calibration"],
-            "results": [{k: r[k] for k in ("budget_ms", "accuracy", "violation_rate", "median_latency_ms",
-                                           "p95_latency_ms")} for r in summary["results"]]}
+            "threads": THREADS if neighbour and THREADS else None, "floor": summary.get("floor"),
+            "results": [{k: r.get(k) for k in ("budget_ms", "accuracy", "violation_rate", "median_latency_ms",
+                                               "p95_latency_ms", "keepable")} for r in summary["results"]]}
 
 
 def main() -> None:
@@ -64,10 +72,11 @@ def main() -> None:
     ap.add_argument("--ckpt", required=True, help="a GRPO checkpoint trained on that profile")
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--duty", type=float, default=1.0, help="the neighbour's busy fraction (1 = never sleeps)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the evaluations under the neighbour")
     ap.add_argument("--out", default="drift", help="name of the run directory and of the JSON")
     a = ap.parse_args()
-    global DUTY, OUT
-    DUTY, OUT = a.duty, OUT.parent / a.out
+    global DUTY, OUT, THREADS
+    DUTY, OUT, THREADS = a.duty, OUT.parent / a.out, a.threads
     table = OUT / "lookup" / "lookup_table.json"
     if not table.exists():
         subprocess.run([sys.executable, "-m", "lvlm_ctrl.train", "controller=lookup", f"profile.path={a.profile}",
@@ -89,14 +98,16 @@ def main() -> None:
         "controller.num_blocks=12", "data.split=test", f"data.limit={min(a.test, 300)}"], True)
     slow_p95 = runs["cheapest/neighbour"]["results"][0]["p95_latency_ms"]
     report = {"command": " ".join(["python experiments/drift.py", *sys.argv[1:]]), "machine": machine(),
-              "neighbour_duty": DUTY,
+              "neighbour_duty": DUTY, "threads_with_neighbour": THREADS or None,
               "budgets_ms": budgets, "cheapest_p95_with_neighbour_ms": slow_p95,
               "keepable_budgets_ms": [b for b in budgets if b >= slow_p95], "runs": runs}
     out = atomic_write_json(ROOT / "experiments" / "results" / f"{a.out}.json", report)
     print(f"\nbudgets the slowed machine can keep (cheapest p95 {slow_p95:.1f} ms): {report['keepable_budgets_ms']}")
     print(f"{'budget':>7} " + " ".join(f"{k:>22}" for k in runs if not k.startswith("cheapest")))
     for i, b in enumerate(budgets):
+        # * : below the cheapest configuration's p95 as that run's controller served it (its floor probe)
         cells = [f"{r['results'][i]['accuracy']:.3f}/{r['results'][i]['violation_rate']:.3f}"
+                 + ("*" if r["results"][i].get("keepable") is False else "")
                  for k, r in runs.items() if not k.startswith("cheapest")]
         print(f"{b:>7.1f} " + " ".join(f"{c:>22}" for c in cells))
     print(f"wrote {out}")
