@@ -10,6 +10,12 @@ labels on the answer's tokens and the end of turn, so answers of several words a
 backbone generates them. The tier is drawn per batch; a fraction `random_config_prob` of the batches
 run a random configuration of the knob space (random blocks skipped, random top_k after a random
 insertion) so that every configuration answers sensibly.
+
+On synth-VQA, two phases: the vision tower and a probe of the scene under each of its tokens alone
+first (`vision_warmup_steps`), then the tower is frozen (`freeze_vision`) and the decoder learns the
+answers on its cached output, with a probe of which image tokens the question is about on its hidden
+states after block `question_block` (synth_targets.py; the probes are not saved). From the answers
+alone, a decoder of this width learned to read the image far too slowly for 40 minutes here.
 """
 
 from __future__ import annotations
@@ -32,113 +38,168 @@ from lvlm_ctrl.backbone import ASSETS, set_experts_implementation
 from lvlm_ctrl.backbone.build_tiny import BUILDERS
 from lvlm_ctrl.backbone.families import family_class
 from lvlm_ctrl.backbone.hooks import KnobHooks
-from lvlm_ctrl.data import question_family, synth_vqa
+from lvlm_ctrl.data import question_family
+from lvlm_ctrl.data.synth_targets import SCENE_CLASSES, question_labels, scene_labels
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.knobs import Knobs, KnobSpace
 from lvlm_ctrl.pretrain import save, training_knobs, warmup_cosine
 
 
+class VisionCache:
+    """The frozen vision encoder's output per (image, tier): once the vision tower has learned the
+    scene (vision_warmup_steps) it is frozen, and the decoder trains on its cached output, so that an
+    epoch after the first neither preprocesses an image nor runs the encoder (most of a joint step's
+    time). `active` is set when the tower freezes; before that, batches carry pixels as usual."""
+
+    def __init__(self):
+        self.active = False
+        self.store: dict[tuple[str, str], tuple[torch.Tensor, dict]] = {}  # (image, tier) -> (grid, output)
+
+    def put(self, keys: list, grids: torch.Tensor, output) -> None:
+        for i, key in enumerate(keys):
+            self.store[key] = (grids[i], {"pooler_output": output.pooler_output[i].detach(),
+                                          "deepstack_features": [f[i].detach() for f in output.deepstack_features]})
+
+    def output(self, keys: list, output_type):
+        """The encoder's output for `keys`, as the encoder returns it (`output_type`)."""
+        feats = [self.store[k][1] for k in keys]
+        return output_type(pooler_output=tuple(f["pooler_output"] for f in feats),
+                          deepstack_features=[tuple(f["deepstack_features"][j] for f in feats)
+                                              for j in range(len(feats[0]["deepstack_features"]))])
+
+
 class Collate:
     """A batch at one tier: the processor's outputs for prompt + answer + end of turn, and labels on
-    the answer's tokens and the end of turn only (rows are left-padded, so those are each row's last)."""
+    the answer's tokens and the end of turn only (rows are left-padded, so those are each row's last).
+    With an active `cache`, only the images it lacks are preprocessed (`new`); the text is the
+    processor's for the image tokens each cached image had."""
 
     def __init__(self, processor, prompt: str, tier_kwargs: dict[str, dict], fixed_tier: str | None = None,
-                 scene_labels=None):
+                 scene_labels=None, question_labels=None, cache: VisionCache | None = None):
         self.processor, self.prompt, self.tier_kwargs, self.fixed_tier = processor, prompt, tier_kwargs, fixed_tier
         self.eos = processor.tokenizer.eos_token
-        self.scene_labels = scene_labels
+        self.scene_labels, self.question_labels, self.cache = scene_labels, question_labels, cache
 
     def __call__(self, samples):
         tier = self.fixed_tier or random.choice(list(self.tier_kwargs))
         tok = self.processor.tokenizer
         answers = [s.answers[0] + self.eos for s in samples]
         texts = [self.prompt.format(question=s.question) + a for s, a in zip(samples, answers)]
-        inputs = self.processor(images=[s.load_image() for s in samples], text=texts, return_tensors="pt",
-                                padding=True, **self.tier_kwargs[tier])
+        batch = {"tier": tier, "families": [question_family(s.sample_id) for s in samples]}
+        if self.cache is not None and self.cache.active:
+            inputs, batch["keys"], batch["new"] = self._cached(samples, texts, tier)
+        else:
+            inputs = self.processor(images=[s.load_image() for s in samples], text=texts, return_tensors="pt",
+                                    padding=True, **self.tier_kwargs[tier])
         labels = torch.full_like(inputs["input_ids"], -100)
         for row, a in enumerate(answers):
             n = len(tok(a, add_special_tokens=False)["input_ids"])
             labels[row, -n:] = inputs["input_ids"][row, -n:]
-        batch = {"tier": tier, "inputs": dict(inputs), "labels": labels,
-                 "families": [question_family(s.sample_id) for s in samples]}
-        if self.scene_labels is not None:
-            grids = inputs["image_grid_thw"].tolist()
+        batch.update(inputs=dict(inputs), labels=labels)
+        grids = inputs["image_grid_thw"].tolist()
+        if self.scene_labels is not None and "keys" not in batch:  # the tower trains only before the cache
             batch["scene"] = torch.cat([self.scene_labels(s.image_path, h, w) for s, (_, h, w) in zip(samples, grids)])
+        if self.question_labels is not None:
+            batch["asked"] = torch.cat([self.question_labels(s.image_path, s.question, h, w)
+                                        for s, (_, h, w) in zip(samples, grids)])
         return batch
 
-
-def synth_token_labels(seed: int, merge: int = 2):
-    """synth-VQA's scene under each merged vision token (the vision encoder's output, in raster order
-    over the (h / merge) x (w / merge) grid of the resized image): the colour and shape of the object
-    at the token's centre (or none), and the digit at the token holding the box's centre (-100, no
-    target, elsewhere). Dense targets: every token of every image trains the vision tower, where one
-    pooled target per image left shapes and digits at chance after 600 steps."""
-    n_colours, n_shapes = len(synth_vqa.COLORS), len(synth_vqa.SHAPES)
-    colour_idx = {c: i for i, c in enumerate(synth_vqa.COLORS)}
-    shape_idx = {c: i for i, c in enumerate(synth_vqa.SHAPES)}
-
-    def labels(image_path: str, grid_h: int, grid_w: int) -> torch.Tensor:
-        scene = synth_vqa.scene_of(image_path, seed)
-        rows, cols = grid_h // merge, grid_w // merge
-        ys = (torch.arange(rows) + 0.5) * scene.height / rows
-        xs = (torch.arange(cols) + 0.5) * scene.width / cols
-        y, x = torch.meshgrid(ys, xs, indexing="ij")
-        colour = torch.full((rows, cols), n_colours)
-        shape = torch.full((rows, cols), n_shapes)
-        for c, sh, cx, cy, r in scene.objects:
-            inside = synth_vqa.inside(sh, x - cx, y - cy, 0.9 * r)  # a margin: edges blur when resized
-            colour[inside], shape[inside] = colour_idx[c], shape_idx[sh]
-        digit = torch.full((rows, cols), -100)
-        x0, y0, side = scene.box
-        i = min(int((y0 + side / 2) / scene.height * rows), rows - 1)
-        j = min(int((x0 + side / 2) / scene.width * cols), cols - 1)
-        digit[i, j] = scene.digit
-        return torch.stack([colour.flatten(), shape.flatten(), digit.flatten()], dim=-1)
-    return labels
-
-
-SCENE_CLASSES = (len(synth_vqa.COLORS) + 1, len(synth_vqa.SHAPES) + 1, 10)  # colour, shape (+ none), digit
+    def _cached(self, samples, texts, tier):
+        keys = [(s.image_path, tier) for s in samples]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.cache.store))
+        image_token = self.processor.image_token
+        new = None
+        if missing:
+            new = self.processor(images=[samples[keys.index(k)].load_image() for k in missing],
+                                 text=[image_token] * len(missing), return_tensors="pt", padding=True,
+                                 **self.tier_kwargs[tier])
+            new = {"keys": missing, "inputs": {k: v for k, v in new.items() if k in ("pixel_values", "image_grid_thw")}}
+        grid_of = {k: g for k, g in zip(missing, new["inputs"]["image_grid_thw"])} if new else {}
+        grids = torch.stack([grid_of[k] if k in grid_of else self.cache.store[k][0] for k in keys])
+        merge = self.processor.image_processor.merge_size ** 2
+        texts = [t.replace(image_token, image_token * int(g.prod() // merge)) for t, g in zip(texts, grids)]
+        # the processor's own text path refuses image tokens without images: its tokenizer and token types
+        inputs = dict(self.processor.tokenizer(texts, return_tensors="pt", padding=True))
+        if "mm_token_type_ids" in self.processor.model_input_names:
+            inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(inputs["input_ids"].tolist()))
+        inputs["image_grid_thw"] = grids
+        return inputs, keys, new
 
 
 class PretrainVLM(L.LightningModule):
     def __init__(self, model, space: KnobSpace, lr: float, weight_decay: float, warmup_steps: int,
                  total_steps: int, random_config_prob: float, scene_weight: float = 0.0,
-                 vision_warmup_steps: int = 0):
+                 vision_warmup_steps: int = 0, question_weight: float = 0.0, question_block: int = 3,
+                 cache: VisionCache | None = None):
         super().__init__()
         self.model, self.space = model, space
         self.hooks = KnobHooks(model)
         encoder = model.base_model.get_image_features
         self.vision_params = set(inspect.signature(encoder).parameters) - {"kwargs"}
-        # Training-only probe: the scene under each vision token (synth_token_labels), so the vision
-        # tower gets a direct signal from every sample (the toy's lesson: from the answer alone, it
-        # learns to look only after hundreds of steps)
+        hidden = model.config.get_text_config().hidden_size
+        # Training-only probes (synth_targets.py), dropped when saved: the scene under each vision
+        # token, so the vision tower gets a direct signal from every sample (the toy's lesson: from the
+        # answer alone, it learns to look only after hundreds of steps); and, on the decoder's image
+        # tokens after block `question_block`, whether the token shows what the question asks about
         self.scene_weight, self.vision_warmup_steps = scene_weight, vision_warmup_steps
-        self.scene_head = torch.nn.Linear(model.config.get_text_config().hidden_size, sum(SCENE_CLASSES))
+        self.scene_head = torch.nn.Linear(hidden, sum(SCENE_CLASSES))
+        self.question_weight, self.question_block = question_weight, question_block
+        self.question_head = torch.nn.Linear(hidden, 1)
+        self.image_token_id = model.config.image_token_id
+        self.cache = cache
         self.lr, self.weight_decay, self.warmup_steps, self.total_steps = lr, weight_decay, warmup_steps, total_steps
         self.random_config_prob = random_config_prob
 
+    def _image(self, batch):
+        """The vision encoder's output for the batch: run on its pixels, or, once the tower is frozen,
+        read from the cache (the images it lacks encoded first, without gradients)."""
+        encode = self.model.base_model.get_image_features
+        if "keys" not in batch:
+            vision = {k: v for k, v in batch["inputs"].items() if k in self.vision_params}
+            return encode(**vision, return_dict=True)
+        if batch["new"] is not None:
+            with torch.no_grad():
+                out = encode(**batch["new"]["inputs"], return_dict=True)
+            self.cache.put(batch["new"]["keys"], batch["new"]["inputs"]["image_grid_thw"], out)
+            self._output_type = type(out)
+        return self.cache.output(batch["keys"], self._output_type)
+
     def _forward(self, batch, knobs: Knobs):
-        """-> (logits, the vision encoder's output) of the batch at `knobs`."""
-        inputs = dict(batch["inputs"])
-        vision = {k: inputs[k] for k in list(inputs) if k in self.vision_params}
+        """-> (logits, the vision encoder's output, the hidden states after block `question_block`
+        or None) of the batch at `knobs`."""
         # the forward keeps the image grid (its multimodal rope positions read it, as in serving,
         # where Backbone.encode computes them from the same inputs) but not the pixels
-        inputs = {k: v for k, v in inputs.items() if not k.startswith("pixel_values")}
-        with self.hooks.apply(knobs):
-            # the vision encoder once, its output given to the forward as Backbone.prefill does
-            image = self.model.base_model.get_image_features(**vision, return_dict=True)
-            return self.model(**inputs, mm_encoder_outputs={"image": image}, use_cache=False).logits, image
+        inputs = {k: v for k, v in batch["inputs"].items() if not k.startswith("pixel_values")}
+        grabbed = []
+        grab = self.hooks.blocks[self.question_block].register_forward_hook(
+            lambda _m, _a, out: grabbed.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            with self.hooks.apply(knobs):
+                # the vision encoder once, its output given to the forward as Backbone.prefill does
+                image = self._image(batch)
+                logits = self.model(**inputs, mm_encoder_outputs={"image": image}, use_cache=False).logits
+        finally:
+            grab.remove()
+        return logits, image, grabbed[0] if grabbed else None
 
     def _loss(self, batch, knobs: Knobs):
-        logits, image = self._forward(batch, knobs)
+        logits, image, hidden = self._forward(batch, knobs)
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         # teacher-forced exact match: every answer token and the end of turn right
         wrong = (logits.argmax(-1) != labels) & (labels != -100)
-        if self.scene_weight and self.training and "scene" in batch:
+        if self.training and self.scene_weight and "scene" in batch:
             scene = self._scene_loss(image.pooler_output, batch["scene"])
             self.log("train/scene_loss", scene, batch_size=len(labels))
             loss = loss + self.scene_weight * scene
+        full = self.space.full()
+        if self.training and self.question_weight and "asked" in batch and hidden is not None \
+                and (knobs.top_k, knobs.num_blocks) == (full.top_k, full.num_blocks):
+            image_tokens = batch["inputs"]["input_ids"] == self.image_token_id
+            asked = F.binary_cross_entropy_with_logits(self.question_head(hidden[image_tokens]).squeeze(-1),
+                                                       batch["asked"])
+            self.log("train/question_loss", asked, batch_size=len(labels))
+            loss = loss + self.question_weight * asked
         return loss, ~wrong.any(-1)
 
     def _scene_loss(self, per_image, target):
@@ -150,11 +211,14 @@ class PretrainVLM(L.LightningModule):
     def training_step(self, batch, _):
         if self.global_step < self.vision_warmup_steps and "scene" in batch:
             # the vision tower learns the scene by itself first: no decoder pass, a fraction of a step
-            vision = {k: v for k, v in batch["inputs"].items() if k in self.vision_params}
-            image = self.model.base_model.get_image_features(**vision, return_dict=True)
+            image = self._image(batch)
             loss = self._scene_loss(image.pooler_output, batch["scene"])
             self.log("train/vision_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
             return loss
+        if self.cache is not None and not self.cache.active:
+            # from here the tower is frozen and the decoder reads its cached output (VisionCache)
+            self.model.base_model.visual.requires_grad_(False)
+            self.cache.active = True
         knobs = training_knobs(self.space, self.hooks, batch["tier"], self.random_config_prob)
         loss, correct = self._loss(batch, knobs)
         self.log_dict({"train/loss": loss, "train/acc": correct.float().mean()}, prog_bar=True,
@@ -220,14 +284,19 @@ def main(cfg: DictConfig) -> float:
     tiers = {t: family.tier_kwargs(v) for t, v in cfg.model.tiers.items()}
     space = KnobSpace.for_backbone(tuple(tiers), KnobHooks(model, family=family))
     prompt = cfg.model.prompt or family.prompt
-    scene = synth_token_labels(cfg.data.seed) if cfg.data.name == "synth_vqa" and cfg.scene_weight else None
+    synth = cfg.data.name == "synth_vqa"
+    scene = scene_labels(cfg.data.seed) if synth and cfg.scene_weight else None
+    asked = question_labels(cfg.data.seed) if synth and cfg.question_weight else None
+    cache = VisionCache() if cfg.freeze_vision else None
     loader = torch.utils.data.DataLoader(splits["train"], batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=Collate(processor, prompt, tiers, scene_labels=scene))
+                                         collate_fn=Collate(processor, prompt, tiers, scene_labels=scene,
+                                                            question_labels=asked, cache=cache))
     full_tier = space.tiers[-1]
     evaluate = lambda samples: torch.utils.data.DataLoader(
-        samples, batch_size=32, collate_fn=Collate(processor, prompt, tiers, fixed_tier=full_tier))
+        samples, batch_size=32, collate_fn=Collate(processor, prompt, tiers, fixed_tier=full_tier, cache=cache))
     module = PretrainVLM(model, space, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.trainer.max_steps,
-                         cfg.random_config_prob, cfg.scene_weight, cfg.vision_warmup_steps)
+                         cfg.random_config_prob, cfg.scene_weight, cfg.vision_warmup_steps, cfg.question_weight,
+                         cfg.question_block, cache)
     trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=-1)
     trainer.fit(module, loader, evaluate(splits["val"][: cfg.val_limit]))
     test = teacher_forced_accuracy(module, evaluate(splits["test"][: cfg.test_limit]))

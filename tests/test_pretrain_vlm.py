@@ -10,9 +10,9 @@ import torch
 from lvlm_ctrl.backbone.build_tiny import QWEN_SPECIALS, qwen3_vl_moe, word_tokenizer
 from lvlm_ctrl.backbone.families import family_class
 from lvlm_ctrl.data import build_dataset
+from lvlm_ctrl.data.synth_targets import asked, question_labels, scene_labels
 from lvlm_ctrl.data.synth_vqa import COLORS, generate, inside, scene_of, vocabulary
 from lvlm_ctrl.knobs import Knobs
-from lvlm_ctrl.pretrain_vlm import synth_token_labels
 from tests.conftest import error_line, run_cli
 
 
@@ -50,7 +50,7 @@ def test_token_targets_follow_the_processors_token_order(tmp_path):
     model, processor = qwen3_vl_moe(words=vocabulary())
     ip = processor.image_processor
     family = family_class("qwen3_vl_moe")(model, processor)
-    labels = synth_token_labels(seed=0)
+    labels = scene_labels(seed=0)
     mean, std = np.array(ip.image_mean), np.array(ip.image_std)
     hits = total = 0
     for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[::3]:
@@ -89,6 +89,62 @@ def test_training_forward_is_the_serving_forward(tmp_path):
             with backbone.hooks.apply(knobs):
                 served = backbone.prefill(prompt, backbone.vision(prompt), logits_to_keep=1).logits[0, -1]
         assert torch.allclose(trained, served, atol=1e-4)
+
+
+def test_asked_objects_hold_the_answer(tmp_path):
+    """The objects the question probe marks are the ones the reference answer is about: a colour
+    question's object has the answer's colour, a yes has its object and a no none, "on the left" is
+    the leftmost of those sharing the named attribute (a flipped left/right fails)."""
+    generate(tmp_path / "val", "val", 0, images=40)
+    seen = set()
+    for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples:
+        scene, answer = scene_of(s.image_path), s.answers[0]
+        picks = asked(scene, s.question)
+        family = s.sample_id.rsplit("-", 1)[1]
+        seen.add(family + (" where" if " on the " in s.question else ""))
+        if family == "digit":
+            assert picks == "box"
+        elif family in ("colour", "shape"):
+            assert len(picks) == 1 and scene.objects[picks[0]][0 if family == "colour" else 1] == answer
+        elif family == "yesno":
+            assert (len(picks) == 1) == (answer == "yes")
+        else:
+            assert picks == list(range(len(scene.objects)))
+    assert {"colour where", "shape where", "yesno", "count", "order"} <= seen
+    labels = question_labels(seed=0)
+    s = next(s for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples if s.answers == ("no",))
+    assert labels(s.image_path, s.question, 16, 16).sum() == 0
+    s = next(s for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples if "number" in s.question)
+    assert 1 <= labels(s.image_path, s.question, 4, 4).sum() <= labels(s.image_path, s.question, 32, 32).sum()
+
+
+def test_cached_vision_batches_equal_the_processors(tmp_path):
+    """Once the tower is frozen, a batch from the cache (text re-tokenised for each image's cached
+    token count, the encoder's output read back) gives the same inputs and logits as one through the
+    processor and the encoder, and a second epoch preprocesses no image."""
+    from lvlm_ctrl.backbone import Backbone
+    from lvlm_ctrl.pretrain_vlm import Collate, PretrainVLM, VisionCache
+
+    generate(tmp_path / "val", "val", 0, images=3)
+    samples = build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[:6]
+    model, processor = qwen3_vl_moe(words=vocabulary(), seed=1)
+    backbone = Backbone(model, processor, {"low": 16, "high": 256}, None, None, 4, name="t")
+    tiers = {t: backbone.family.tier_kwargs(v) for t, v in backbone.tier_sizes.items()}
+    cache = VisionCache()
+    module = PretrainVLM(model, backbone.space, 1e-3, 0.0, 1, 10, 0.0, cache=cache)
+    knobs = backbone.space.full()
+    plain = Collate(processor, backbone.prompt, tiers, fixed_tier="high", cache=cache)(samples)
+    cache.active = True
+    first = Collate(processor, backbone.prompt, tiers, fixed_tier="high", cache=cache)(samples)
+    with torch.no_grad():
+        expected = module._forward(plain, knobs)[0]
+        module._forward(first, knobs)
+        again = Collate(processor, backbone.prompt, tiers, fixed_tier="high", cache=cache)(samples)
+        assert len(first["new"]["keys"]) == len({s.image_path for s in samples}) == 2 and again["new"] is None
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+            assert torch.equal(again["inputs"][key], plain["inputs"][key]), key
+        assert torch.equal(again["labels"], plain["labels"])
+        assert torch.allclose(module._forward(again, knobs)[0], expected, atol=1e-5)
 
 
 def test_the_optimizer_trains_the_probe_head_too():

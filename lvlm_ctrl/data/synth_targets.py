@@ -1,0 +1,99 @@
+"""What synth-VQA's generator knows and a real dataset would not, as targets for training-only probes
+(pretrain_vlm.py): the scene under each merged vision token, and which tokens a question is about.
+
+A tiny decoder trained from the answers alone learns to read the image far too slowly for this
+machine (0.26-0.32 exact match after 1,200 joint steps, yes/no at chance); these probes give every
+token of every sample a direct signal. Tokens are the vision encoder's output, in raster order over
+the (h / merge) x (w / merge) grid of the resized image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lvlm_ctrl.data import synth_vqa
+
+SCENE_CLASSES = (len(synth_vqa.COLORS) + 1, len(synth_vqa.SHAPES) + 1, 10)  # colour, shape (+ none), digit
+
+
+def token_centres(scene, grid_h: int, grid_w: int, merge: int = 2):
+    """(x, y) in the scene's pixels of each merged token's centre, and the grid's (rows, cols)."""
+    rows, cols = grid_h // merge, grid_w // merge
+    ys = (torch.arange(rows) + 0.5) * scene.height / rows
+    xs = (torch.arange(cols) + 0.5) * scene.width / cols
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return x, y, rows, cols
+
+
+def _cell(scene, x: float, y: float, rows: int, cols: int) -> tuple[int, int]:
+    """The token holding the scene point (x, y)."""
+    return min(int(y / scene.height * rows), rows - 1), min(int(x / scene.width * cols), cols - 1)
+
+
+def scene_labels(seed: int, merge: int = 2):
+    """-> labels(image_path, grid_h, grid_w): per token, the colour and shape of the object at its
+    centre (or none), and the digit at the token holding the box's centre (-100 elsewhere)."""
+    colour_idx = {c: i for i, c in enumerate(synth_vqa.COLORS)}
+    shape_idx = {c: i for i, c in enumerate(synth_vqa.SHAPES)}
+
+    def labels(image_path: str, grid_h: int, grid_w: int) -> torch.Tensor:
+        scene = synth_vqa.scene_of(image_path, seed)
+        x, y, rows, cols = token_centres(scene, grid_h, grid_w, merge)
+        colour = torch.full((rows, cols), len(colour_idx))
+        shape = torch.full((rows, cols), len(shape_idx))
+        for c, sh, cx, cy, r in scene.objects:
+            inside = synth_vqa.inside(sh, x - cx, y - cy, 0.9 * r)  # a margin: edges blur when resized
+            colour[inside], shape[inside] = colour_idx[c], shape_idx[sh]
+        digit = torch.full((rows, cols), -100)
+        x0, y0, side = scene.box
+        digit[_cell(scene, x0 + side / 2, y0 + side / 2, rows, cols)] = scene.digit
+        return torch.stack([colour.flatten(), shape.flatten(), digit.flatten()], dim=-1)
+    return labels
+
+
+def asked(scene, question: str) -> list[int] | str:
+    """The objects (indices, left to right) a synth-VQA question is about, or "box" for the digit."""
+    q = question.rstrip("?")
+    where = next((w for w in ("left", "right") if q.endswith(f" on the {w}")), None)
+    q = q.removesuffix(f" on the {where}") if where else q
+    objects = scene.objects
+    if q == "what number is written in the box":
+        return "box"
+    if q.startswith("what color is the "):
+        picks = [i for i, o in enumerate(objects) if o[1] == q.removeprefix("what color is the ")]
+    elif q.startswith("what shape is the "):
+        picks = [i for i, o in enumerate(objects) if o[0] == q.removeprefix("what shape is the ").split()[0]]
+    elif q.startswith("is there a "):
+        colour, shape = q.removeprefix("is there a ").split()
+        picks = [i for i, o in enumerate(objects) if o[:2] == (colour, shape)]
+    elif q in ("how many shapes are there", "what colors are the shapes from left to right"):
+        picks = list(range(len(objects)))
+    else:
+        raise ValueError(f"not a synth-VQA question: {question!r}")
+    if where and picks:
+        picks = picks[:1] if where == "left" else picks[-1:]
+    return picks
+
+
+def question_labels(seed: int, merge: int = 2):
+    """-> labels(image_path, question, grid_h, grid_w): per token, 1.0 where it shows what the
+    question is about (inside an asked object or the digit's box, or the token holding its centre,
+    so that a small object at a low tier still has one), else 0.0. A "no" to "is there a ...?" asks
+    about nothing."""
+
+    def labels(image_path: str, question: str, grid_h: int, grid_w: int) -> torch.Tensor:
+        scene = synth_vqa.scene_of(image_path, seed)
+        x, y, rows, cols = token_centres(scene, grid_h, grid_w, merge)
+        target = torch.zeros(rows, cols)
+        picks = asked(scene, question)
+        if picks == "box":
+            x0, y0, side = scene.box
+            target[(x >= x0) & (x <= x0 + side) & (y >= y0) & (y <= y0 + side)] = 1.0
+            target[_cell(scene, x0 + side / 2, y0 + side / 2, rows, cols)] = 1.0
+        else:
+            for i in picks:
+                _, sh, cx, cy, r = scene.objects[i]
+                target[synth_vqa.inside(sh, x - cx, y - cy, r)] = 1.0
+                target[_cell(scene, cx, cy, rows, cols)] = 1.0
+        return target.flatten()
+    return labels
