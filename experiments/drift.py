@@ -47,7 +47,8 @@ def evaluate(name: str, args: list[str], neighbour: bool) -> dict:
     run_dir = OUT / name
     cmd = [sys.executable, "-m", "lvlm_ctrl.evaluate", *args, f"hydra.run.dir={run_dir}"]
     busy = subprocess.Popen([sys.executable, "-c", BUSY, str(DUTY)]) if neighbour else None
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS)) if neighbour and THREADS else None
+    threads = THREADS if neighbour and THREADS else None
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
@@ -61,7 +62,7 @@ def evaluate(name: str, args: list[str], neighbour: bool) -> dict:
     print(f"[{name}] {time.time() - t0:.0f} s, AUC {summary['auc']}", flush=True)
     return {"command": " ".join(["python -m lvlm_ctrl.evaluate", *args]), "neighbour": neighbour,
             "wall_s": round(time.time() - t0, 1), "auc": summary["auc"], "calibration": summary["calibration"],
-            "threads": THREADS if neighbour and THREADS else None, "floor": summary.get("floor"),
+            "threads": threads, "floor": summary.get("floor"),
             "results": [{k: r.get(k) for k in ("budget_ms", "accuracy", "violation_rate", "median_latency_ms",
                                                "p95_latency_ms", "keepable")} for r in summary["results"]]}
 

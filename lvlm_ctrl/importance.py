@@ -101,9 +101,9 @@ def main(cfg: DictConfig) -> None:
     atomic_write_json(out, result)
     print(f"ranking (most important first): {ranking}\nwrote {out}")
     if cfg.install:
-        from lvlm_ctrl.backbone import ASSETS
+        from lvlm_ctrl.backbone import backbone_dir
 
-        atomic_write_json(Path(cfg.model.path or ASSETS / (cfg.model.get("asset") or "tiny_moe")) / "importance.json", result)
+        atomic_write_json(backbone_dir(cfg.model.path, cfg.model.get("asset")) / "importance.json", result)
         print("installed as the backbone's default ranking")
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from lvlm_ctrl.backbone import ASSETS, set_experts_implementation
+from lvlm_ctrl.backbone import backbone_dir, set_experts_implementation
 from lvlm_ctrl.backbone.build_tiny import BUILDERS
 from lvlm_ctrl.backbone.families import family_class
 from lvlm_ctrl.backbone.hooks import KnobHooks
@@ -164,14 +164,14 @@ class PretrainVLM(L.LightningModule):
             self._output_type = type(out)
         return self.cache.output(batch["keys"], self._output_type)
 
-    def _forward(self, batch, knobs: Knobs):
-        """-> (logits, the vision encoder's output, the hidden states after block `question_block`
-        or None) of the batch at `knobs`."""
+    def _forward(self, batch, knobs: Knobs, grab_block: int | None = None):
+        """-> (logits, the vision encoder's output, the hidden states after block `grab_block` or
+        None) of the batch at `knobs`."""
         # the forward keeps the image grid (its multimodal rope positions read it, as in serving,
         # where Backbone.encode computes them from the same inputs) but not the pixels
         inputs = {k: v for k, v in batch["inputs"].items() if not k.startswith("pixel_values")}
         grabbed = []
-        grab = self.hooks.blocks[self.question_block].register_forward_hook(
+        grab = None if grab_block is None else self.hooks.blocks[grab_block].register_forward_hook(
             lambda _m, _a, out: grabbed.append(out[0] if isinstance(out, tuple) else out))
         try:
             with self.hooks.apply(knobs):
@@ -179,11 +179,16 @@ class PretrainVLM(L.LightningModule):
                 image = self._image(batch)
                 logits = self.model(**inputs, mm_encoder_outputs={"image": image}, use_cache=False).logits
         finally:
-            grab.remove()
+            if grab is not None:
+                grab.remove()
         return logits, image, grabbed[0] if grabbed else None
 
     def _loss(self, batch, knobs: Knobs):
-        logits, image, hidden = self._forward(batch, knobs)
+        full = self.space.full()
+        # the question probe reads the blocks as the full configuration runs them (all kept, default top_k)
+        probe = self.training and self.question_weight and "asked" in batch \
+            and (knobs.top_k, knobs.num_blocks) == (full.top_k, full.num_blocks)
+        logits, image, hidden = self._forward(batch, knobs, self.question_block if probe else None)
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         # teacher-forced exact match: every answer token and the end of turn right
@@ -192,9 +197,7 @@ class PretrainVLM(L.LightningModule):
             scene = self._scene_loss(image.pooler_output, batch["scene"])
             self.log("train/scene_loss", scene, batch_size=len(labels))
             loss = loss + self.scene_weight * scene
-        full = self.space.full()
-        if self.training and self.question_weight and "asked" in batch and hidden is not None \
-                and (knobs.top_k, knobs.num_blocks) == (full.top_k, full.num_blocks):
+        if probe:
             image_tokens = batch["inputs"]["input_ids"] == self.image_token_id
             asked = F.binary_cross_entropy_with_logits(self.question_head(hidden[image_tokens]).squeeze(-1),
                                                        batch["asked"])
@@ -272,6 +275,14 @@ def main(cfg: DictConfig) -> float:
         trainable = [f for f, b in BUILDERS.items() if "words" in inspect.signature(b).parameters]
         raise UserError(f"family={cfg.family}: pretrain_vlm builds {', '.join(trainable)} only (a word-level "
                         "tokenizer over the dataset); give build_tiny's builder a `words` argument to add one")
+    synth = cfg.data.name == "synth_vqa"
+    if not synth and (cfg.scene_weight or cfg.question_weight):
+        raise UserError(f"scene_weight / question_weight probe what synth_vqa's generator knows, and data={cfg.data.name} "
+                        "has no such targets: pass scene_weight=0 question_weight=0 freeze_vision=false")
+    if cfg.freeze_vision and not (cfg.scene_weight and cfg.vision_warmup_steps > 0):
+        raise UserError("freeze_vision=true freezes the vision tower after its warm-up on the scene probe, and "
+                        f"scene_weight={cfg.scene_weight} vision_warmup_steps={cfg.vision_warmup_steps} train none: "
+                        "give both > 0, or pass freeze_vision=false")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.threads)
     splits = {s: hydra.utils.instantiate(cfg.data, split=s, limit=None).samples for s in ("train", "val", "test")}
@@ -284,9 +295,8 @@ def main(cfg: DictConfig) -> float:
     tiers = {t: family.tier_kwargs(v) for t, v in cfg.model.tiers.items()}
     space = KnobSpace.for_backbone(tuple(tiers), KnobHooks(model, family=family))
     prompt = cfg.model.prompt or family.prompt
-    synth = cfg.data.name == "synth_vqa"
-    scene = scene_labels(cfg.data.seed) if synth and cfg.scene_weight else None
-    asked = question_labels(cfg.data.seed) if synth and cfg.question_weight else None
+    scene = scene_labels(cfg.data.seed) if cfg.scene_weight else None
+    asked = question_labels(cfg.data.seed) if cfg.question_weight else None
     cache = VisionCache() if cfg.freeze_vision else None
     loader = torch.utils.data.DataLoader(splits["train"], batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=Collate(processor, prompt, tiers, scene_labels=scene,
@@ -308,8 +318,8 @@ def main(cfg: DictConfig) -> float:
     })
     print(f"test accuracy (full configuration, teacher-forced): {test}; saved to {out}")
     if cfg.install:
-        shutil.copytree(out, ASSETS / cfg.model.asset, dirs_exist_ok=True)
-        print(f"installed into {ASSETS / cfg.model.asset}")
+        shutil.copytree(out, backbone_dir(asset=cfg.model.asset), dirs_exist_ok=True)
+        print(f"installed into {backbone_dir(asset=cfg.model.asset)}")
     return test["all"]
 
 

@@ -241,6 +241,12 @@ def set_experts_implementation(model, name: str | None) -> None:
         model.config.get_text_config()._experts_implementation = name
 
 
+def backbone_dir(path: str | None = None, asset: str | None = None) -> Path:
+    """Where a backbone's weights are: `path`, or the one shipped in lvlm_ctrl/assets/<asset>
+    (tiny_moe, the embedded default, unless `asset` names another)."""
+    return Path(path) if path else ASSETS / (asset or EMBEDDED.name)
+
+
 def load_backbone(path: str | None = None, tiers: dict | None = None, importance: str | None = None,
                   prompt: str | None = None, max_new_tokens: int = 8, device: str = "cpu",
                   dtype: str = "float32", experts_implementation: str | None = "batched_mm",
@@ -252,7 +258,7 @@ def load_backbone(path: str | None = None, tiers: dict | None = None, importance
     device_map (e.g. "auto") spreads a model larger than one device over several (accelerate).
     path=None: a backbone shipped in lvlm_ctrl/assets/<asset> (tiny_moe, the embedded default, unless
     `asset` names another)."""
-    root = Path(path) if path else ASSETS / (asset or EMBEDDED.name)
+    root = backbone_dir(path, asset)
     if not (root / "config.json").exists():
         raise UserError(f"no model checkpoint at {root}: pass model.path=DIR holding config.json and weights "
                         "(python -m lvlm_ctrl.pretrain, python -m lvlm_ctrl.pretrain_vlm or python -m lvlm_ctrl.backbone.build_tiny "
