@@ -11,10 +11,11 @@ backbone generates them. The tier is drawn per batch; a fraction `random_config_
 run a random configuration of the knob space (random blocks skipped, random top_k after a random
 insertion) so that every configuration answers sensibly.
 
-On synth-VQA, two phases: the vision tower and a probe of the scene under each of its tokens alone
-first (`vision_warmup_steps`), then the tower is frozen (`freeze_vision`) and the decoder learns the
-answers on its cached output, with a probe of which image tokens the question is about on its hidden
-states after block `question_block` (synth_targets.py; the probes are not saved). From the answers
+On synth-VQA, two phases: the vision tower alone first (`vision_warmup_steps`), with probes of the
+scene under each of its tokens and of each object's shape from its tokens pooled; then the tower is
+frozen (`freeze_vision`) and the decoder learns the answers on its cached output, with a probe of
+which image tokens the question is about on its hidden states after block `question_block`
+(synth_targets.py; the probes are not saved). From the answers
 alone, a decoder of this width learned to read the image far too slowly for 40 minutes here.
 """
 
@@ -32,6 +33,7 @@ import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
 
 from lvlm_ctrl.backbone import backbone_dir, set_experts_implementation
@@ -57,7 +59,8 @@ class VisionCache:
 
     def put(self, keys: list, grids: torch.Tensor, output) -> None:
         for i, key in enumerate(keys):
-            self.store[key] = (grids[i], {"pooler_output": output.pooler_output[i].detach(),
+            # the grid stays on the CPU, where Collate assembles the next batches' text
+            self.store[key] = (grids[i].cpu(), {"pooler_output": output.pooler_output[i].detach(),
                                           "deepstack_features": [f[i].detach() for f in output.deepstack_features]})
 
     def output(self, keys: list, output_type):
@@ -143,12 +146,14 @@ class PretrainVLM(L.LightningModule):
         # tokens after block `question_block`, whether the token shows what the question asks about
         self.scene_weight, self.vision_warmup_steps = scene_weight, vision_warmup_steps
         self.scene_head = torch.nn.Linear(hidden, sum(SCENE_CLASSES))
+        self.object_head = torch.nn.Linear(hidden, SCENE_CLASSES[1] - 1)
         self.question_weight, self.question_block = question_weight, question_block
         self.question_head = torch.nn.Linear(hidden, 1)
         self.image_token_id = model.config.image_token_id
         self.cache = cache
         self.lr, self.weight_decay, self.warmup_steps, self.total_steps = lr, weight_decay, warmup_steps, total_steps
         self.random_config_prob = random_config_prob
+        self._vision_acc = defaultdict(list)
 
     def _image(self, batch):
         """The vision encoder's output for the batch: run on its pixels, or, once the tower is frozen,
@@ -194,7 +199,7 @@ class PretrainVLM(L.LightningModule):
         # teacher-forced exact match: every answer token and the end of turn right
         wrong = (logits.argmax(-1) != labels) & (labels != -100)
         if self.training and self.scene_weight and "scene" in batch:
-            scene = self._scene_loss(image.pooler_output, batch["scene"])
+            scene, _ = self._scene_loss(image.pooler_output, batch["scene"])
             self.log("train/scene_loss", scene, batch_size=len(labels))
             loss = loss + self.scene_weight * scene
         if probe:
@@ -206,17 +211,43 @@ class PretrainVLM(L.LightningModule):
         return loss, ~wrong.any(-1)
 
     def _scene_loss(self, per_image, target):
-        out = self.scene_head(torch.cat(list(per_image)))
+        """-> (the scene probe's loss, its accuracy per target: colour on every token, shape on the
+        tokens inside an object and on each object's pooled tokens, digit on the box's token), so the
+        vision warm-up shows what it learned."""
+        tokens = torch.cat(list(per_image))
+        out = self.scene_head(tokens)
         c, sh, _ = SCENE_CLASSES
-        return (F.cross_entropy(out[:, :c], target[:, 0]) + F.cross_entropy(out[:, c:c + sh], target[:, 1])
-                + F.cross_entropy(out[:, c + sh:], target[:, 2], ignore_index=-100))
+        # an object's tokens mean-pooled, as attention to them would read them (synth_targets.scene_labels)
+        image = torch.repeat_interleave(torch.arange(len(per_image), device=tokens.device),
+                                        torch.tensor([len(f) for f in per_image], device=tokens.device))
+        shown = target[:, 3] >= 0
+        objects, which = torch.unique(image[shown] * 16 + target[shown, 3], return_inverse=True)
+        pooled = torch.zeros(len(objects), tokens.shape[-1], device=tokens.device).index_add(0, which, tokens[shown])
+        pooled = pooled / torch.bincount(which, minlength=len(objects))[:, None]
+        object_shape = torch.zeros(len(objects), dtype=torch.long, device=tokens.device).scatter(
+            0, which, target[shown, 4])
+        heads = {"colour": (out[:, :c], target[:, 0]), "shape": (out[:, c:c + sh], target[:, 1]),
+                 "digit": (out[:, c + sh:], target[:, 2]), "object_shape": (self.object_head(pooled), object_shape)}
+        loss = sum(F.cross_entropy(o, t, ignore_index=-100) for o, t in heads.values())
+        with torch.no_grad():
+            keep = {"colour": torch.ones_like(shown), "shape": target[:, 1] != sh - 1, "digit": target[:, 2] != -100,
+                    "object_shape": torch.ones_like(object_shape, dtype=torch.bool)}
+            acc = {k: (o.argmax(-1) == t)[keep[k]].float().mean() for k, (o, t) in heads.items()}
+        return loss, acc
 
     def training_step(self, batch, _):
         if self.global_step < self.vision_warmup_steps and "scene" in batch:
             # the vision tower learns the scene by itself first: no decoder pass, a fraction of a step
             image = self._image(batch)
-            loss = self._scene_loss(image.pooler_output, batch["scene"])
+            loss, acc = self._scene_loss(image.pooler_output, batch["scene"])
             self.log("train/vision_loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
+            self.log_dict({f"train/vision_{k}_acc": v for k, v in acc.items()}, batch_size=len(batch["labels"]))
+            for k, v in acc.items():
+                self._vision_acc[k].append(v.item())
+            if (self.global_step + 1) % 100 == 0:  # the warm-up's curve in the log (no validation runs in it)
+                print(f"vision step {self.global_step + 1}: scene probe accuracy over the last 100 steps "
+                      + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in self._vision_acc.items()), flush=True)
+                self._vision_acc.clear()
             return loss
         if self.cache is not None and not self.cache.active:
             # from here the tower is frozen and the decoder reads its cached output (VisionCache)
@@ -256,6 +287,7 @@ def teacher_forced_accuracy(module: PretrainVLM, loader) -> dict[str, float]:
     module.eval()
     with torch.no_grad():
         for batch in loader:
+            batch = move_data_to_device(batch, module.device)
             _, correct = module._loss(batch, module.space.full())
             for fam, c in zip(batch["families"], correct.tolist()):
                 by[fam].append(c)

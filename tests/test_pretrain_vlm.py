@@ -10,8 +10,8 @@ import torch
 from lvlm_ctrl.backbone.build_tiny import QWEN_SPECIALS, qwen3_vl_moe, word_tokenizer
 from lvlm_ctrl.backbone.families import family_class
 from lvlm_ctrl.data import build_dataset
-from lvlm_ctrl.data.synth_targets import asked, question_labels, scene_labels
-from lvlm_ctrl.data.synth_vqa import COLORS, generate, inside, scene_of, vocabulary
+from lvlm_ctrl.data.synth_targets import asked, question_labels, scene_labels, token_centres
+from lvlm_ctrl.data.synth_vqa import COLORS, SHAPES, generate, inside, scene_of, vocabulary
 from lvlm_ctrl.knobs import Knobs
 from tests.conftest import error_line, run_cli
 
@@ -58,7 +58,7 @@ def test_token_targets_follow_the_processors_token_order(tmp_path):
                         return_tensors="pt", **family.tier_kwargs(256))
         _, h, w = out["image_grid_thw"][0].tolist()
         target = labels(s.image_path, h, w)
-        assert target.shape == ((h // 2) * (w // 2), 3) and (target[:, 2] >= 0).sum() == 1
+        assert target.shape == ((h // 2) * (w // 2), 5) and (target[:, 2] >= 0).sum() == 1
         # merge unit k = patches 4k..4k+3; the top-left patch's last pixel touches the unit's centre
         patches = out["pixel_values"].reshape(-1, 4, 3, 2, 16, 16)[:, 0, :, 0, 15, 15].numpy()
         rgb = (patches * std + mean) * 255
@@ -66,6 +66,28 @@ def test_token_targets_follow_the_processors_token_order(tmp_path):
             total += 1
             hits += np.abs(rgb[k] - COLORS[list(COLORS)[target[k, 0]]]).max() < 40
     assert total > 20 and hits / total > 0.9
+
+
+def test_object_targets_show_each_object_with_its_shape(tmp_path):
+    """The pooled shape probe's targets: at every grid size each object of the scene has tokens,
+    carrying its shape, centred on it (its tokens' mean centre within its radius and half a token), and the object
+    tokens of the low tier are no more than of the high (an index shifted by one, or a shape taken
+    from another object, fails)."""
+    generate(tmp_path / "val", "val", 0, images=12)
+    labels = scene_labels(seed=0)
+    for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[::3]:
+        scene = scene_of(s.image_path)
+        shown = {}
+        for grid in ((8, 8), (16, 12), (32, 32)):
+            target = labels(s.image_path, *grid)
+            x, y, rows, cols = token_centres(scene, *grid)
+            for i, (_, shape, cx, cy, r) in enumerate(scene.objects):
+                mine = target[:, 3] == i
+                near = r + 0.5 * max(scene.width / cols, scene.height / rows)
+                assert mine.any() and (target[mine, 4] == SHAPES.index(shape)).all()
+                assert abs(x.flatten()[mine].mean() - cx) <= near and abs(y.flatten()[mine].mean() - cy) <= near
+            shown[grid] = int((target[:, 3] >= 0).sum())
+        assert shown[(8, 8)] <= shown[(32, 32)]
 
 
 def test_training_forward_is_the_serving_forward(tmp_path):

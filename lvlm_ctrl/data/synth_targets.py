@@ -32,7 +32,10 @@ def _cell(scene, x: float, y: float, rows: int, cols: int) -> tuple[int, int]:
 
 def scene_labels(seed: int, merge: int = 2):
     """-> labels(image_path, grid_h, grid_w): per token, the colour and shape of the object at its
-    centre (or none), and the digit at the token holding the box's centre (-100 elsewhere)."""
+    centre (or none), the digit at the token holding the box's centre (-100 elsewhere), which object
+    (its index, or -1) the token shows (inside it, or holding its centre) and that object's shape.
+    The last two let a probe pool an object's tokens: inside a large object a token is one flat
+    colour, and the shape is only in the outline the object's tokens see together."""
     colour_idx = {c: i for i, c in enumerate(synth_vqa.COLORS)}
     shape_idx = {c: i for i, c in enumerate(synth_vqa.SHAPES)}
 
@@ -41,13 +44,17 @@ def scene_labels(seed: int, merge: int = 2):
         x, y, rows, cols = token_centres(scene, grid_h, grid_w, merge)
         colour = torch.full((rows, cols), len(colour_idx))
         shape = torch.full((rows, cols), len(shape_idx))
-        for c, sh, cx, cy, r in scene.objects:
+        obj, obj_shape = torch.full((rows, cols), -1), torch.full((rows, cols), -100)
+        for i, (c, sh, cx, cy, r) in enumerate(scene.objects):
             inside = synth_vqa.inside(sh, x - cx, y - cy, 0.9 * r)  # a margin: edges blur when resized
             colour[inside], shape[inside] = colour_idx[c], shape_idx[sh]
+            shows = synth_vqa.inside(sh, x - cx, y - cy, r + 0.5 * scene.width / cols)  # and its outline's tokens
+            shows[_cell(scene, cx, cy, rows, cols)] = True
+            obj[shows], obj_shape[shows] = i, shape_idx[sh]
         digit = torch.full((rows, cols), -100)
         x0, y0, side = scene.box
         digit[_cell(scene, x0 + side / 2, y0 + side / 2, rows, cols)] = scene.digit
-        return torch.stack([colour.flatten(), shape.flatten(), digit.flatten()], dim=-1)
+        return torch.stack([colour.flatten(), shape.flatten(), digit.flatten(), obj.flatten(), obj_shape.flatten()], dim=-1)
     return labels
 
 
