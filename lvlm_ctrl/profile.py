@@ -8,8 +8,10 @@ Each work unit is one configuration on a chunk of samples, written as one Parque
 the same profile.path skips every (sample, configuration) already recorded, and a second process on
 the same path and shard waits for the first instead of repeating its work. With `latency=measured`,
 each request is timed alone at batch size 1 after warm-up and its answer is that run's answer; a
-request a disturbance slowed is timed again (StallGuard). With `latency=predicted`, answers come in
-batches and the latency model fills in the times (fast; for yardsticks such as the oracle).
+request a disturbance slowed is timed again (StallGuard). With `latency=predicted`, a chunk's answers at
+every configuration come from the rollout engine (backbone/rollout.py: the vision encoder and the
+blocks before p run once for all the configurations that share them) and the latency model fills in
+the times (fast; for the GRPO environment's answers and yardsticks such as the oracle).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import hydra
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from lvlm_ctrl.backbone.rollout import RolloutEngine
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import exclusive
 from lvlm_ctrl.metrics import vqa_score
@@ -94,7 +97,10 @@ class StallGuard:
 
 
 def profile_unit(backbone, dataset, knobs, chunk, images, source: str, latency_model=None,
-                 guard: StallGuard | None = None) -> list[dict]:
+                 guard: StallGuard | None = None, answered: dict | None = None) -> list[dict]:
+    """One configuration on a chunk of samples: timed at batch 1 (`measured`), or with the rollout
+    engine's answers for the chunk (`answered`: {(sample id, knobs): (Generation, row)}) and the
+    latency model's times (`predicted`)."""
     if source == "measured":
         def run(i):
             return backbone.generate([images[i]], [chunk[i].question], knobs)
@@ -102,11 +108,23 @@ def profile_unit(backbone, dataset, knobs, chunk, images, source: str, latency_m
         gens, retimed = guard.measure(run, len(chunk)) if guard else ([run(i) for i in range(len(chunk))],
                                                                       [0] * len(chunk))
         return [record(dataset, s, knobs, g, 0, backbone, source, r) for s, g, r in zip(chunk, gens, retimed)]
-    gen = backbone.generate(images, [s.question for s in chunk], knobs)
-    rows = [record(dataset, s, knobs, gen, i, backbone, source) for i, s in enumerate(chunk)]
+    rows = [record(dataset, s, knobs, *answered[(s.sample_id, knobs)], backbone, source) for s in chunk]
     for r in rows:
         r.update(latency_model.predict_record(r))
     return rows
+
+
+def engine_answers(engine: RolloutEngine, sweep, images: dict) -> dict:
+    """The rollout engine's answers for one chunk's sweep of (configuration index, knobs, samples):
+    {(sample id, knobs): (Generation, row)}."""
+    samples = list(dict.fromkeys(s for _, _, chunk in sweep for s in chunk))
+    configs = {s.sample_id: [] for s in samples}
+    for _, knobs, chunk in sweep:
+        for s in chunk:
+            configs[s.sample_id].append(knobs)
+    out = engine.run([images[s.sample_id] for s in samples], [s.question for s in samples],
+                     [configs[s.sample_id] for s in samples])
+    return {(samples[i].sample_id, knobs): v for (i, knobs), v in out.items()}
 
 
 def profile_split(backbone, dataset, path, source: str = "measured", latency_model=None, batch_size: int = 32,
@@ -135,7 +153,7 @@ def _profile_locked(backbone, dataset, path, source, latency_model, chunk_size, 
     # configuration's requests are spread over the whole run, so the machine's speed drifting over
     # minutes shifts every configuration alike instead of biasing whichever ran in a slow spell.
     keys = [tuple(str(v) for v in knobs.as_dict().values()) for knobs in configs]
-    todo = []
+    sweeps = []
     for start in range(0, len(samples), chunk_size):
         sweep = []
         for ci, (knobs, key) in enumerate(zip(configs, keys)):
@@ -143,7 +161,9 @@ def _profile_locked(backbone, dataset, path, source, latency_model, chunk_size, 
             if pending:
                 sweep.append((ci, knobs, pending))
         random.Random(start).shuffle(sweep)
-        todo.extend(sweep)
+        if sweep:
+            sweeps.append(sweep)
+    todo = [unit for sweep in sweeps for unit in sweep]
     total = len(samples) * len(configs)
     remaining = sum(len(c) for _, _, c in todo)
     print(f"{desc}: {total - remaining} of {total} records already in {path}; {len(todo)} units to run", flush=True)
@@ -158,17 +178,22 @@ def _profile_locked(backbone, dataset, path, source, latency_model, chunk_size, 
         for knobs in (backbone.space.full(), backbone.space.cheapest()):
             backbone.generate([images[s.sample_id]], [s.question], knobs)
     guard = StallGuard(backbone, images[samples[0].sample_id], samples[0].question) if source == "measured" else None
+    engine = RolloutEngine(backbone, batch_size=chunk_size) if source == "predicted" else None
     seq = int(time.time() * 1000)
-    retimed = 0
+    retimed, n = 0, 0
     with tqdm(total=remaining, desc=desc, unit="req", dynamic_ncols=True) as bar:
-        for n, (ci, knobs, chunk) in enumerate(todo):
-            rows = profile_unit(backbone, dataset, knobs, chunk, [images[s.sample_id] for s in chunk], source,
-                                latency_model, guard)
-            write_part(path / f"shard{shard}", f"part-{seq}-{n:06d}-c{ci:03d}.parquet", rows)
-            retimed += sum(r["retimed"] > 0 for r in rows)
-            bar.update(len(chunk))
-            if guard:
-                bar.set_postfix(retimed=retimed, refresh=False)
+        for sweep in sweeps:
+            # predicted latency: the chunk's answers at every pending configuration in one engine run
+            answered = engine_answers(engine, sweep, images) if engine else None
+            for ci, knobs, chunk in sweep:
+                rows = profile_unit(backbone, dataset, knobs, chunk, [images[s.sample_id] for s in chunk], source,
+                                    latency_model, guard, answered)
+                write_part(path / f"shard{shard}", f"part-{seq}-{n:06d}-c{ci:03d}.parquet", rows)
+                n += 1
+                retimed += sum(r["retimed"] > 0 for r in rows)
+                bar.update(len(chunk))
+                if guard:
+                    bar.set_postfix(retimed=retimed, refresh=False)
     if guard:
         print(f"{desc}: {retimed} of {remaining} requests timed again after a disturbance "
               f"(waited {guard.waited_s:.0f} s for the machine)", flush=True)

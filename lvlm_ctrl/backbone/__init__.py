@@ -157,8 +157,6 @@ class Backbone:
         vision = self.vision(prompt)
         t1 = self._now()
         batch = prompt.input_ids.shape[0]
-        out_ids = torch.empty(batch, 0, dtype=torch.long, device=self.device)
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         stage2_ms = [0.0]
         cache = DynamicCache(config=self.model.config.get_text_config()) if use_cache else None
         if decide is not None:
@@ -179,39 +177,61 @@ class Backbone:
         with blocks as cap:
             logits = self.prefill(prompt, vision, cache=cache, use_cache=use_cache, logits_to_keep=1).logits
             t2 = self._now()
-            ids, attn, pos = prompt.input_ids, prompt.attention_mask, prompt.position_ids
-            extra = dict(prompt.forward_kwargs)
-            for step in range(max_new):
-                nxt = logits[:, -1].argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
-                out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
-                done |= nxt == self.eos_id
-                if step == max_new - 1 or (stop_at_eos and bool(done.all())):
-                    break
-                attn = torch.cat([attn, attn.new_ones(batch, 1)], dim=1)
-                step_pos = pos[..., -1:] + 1
-                pos = torch.cat([pos, step_pos], dim=-1)
-                if use_cache:
-                    logits = self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=step_pos,
-                                        cache=cache, use_cache=True).logits
-                else:  # the whole sequence again, as the model's forward would see it
-                    ids = torch.cat([ids, nxt[:, None]], dim=1)
-                    extra = {k: _grow(v, batch) for k, v in extra.items()}
-                    logits = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                                        mm_encoder_outputs=dict(vision), use_cache=False, logits_to_keep=1,
-                                        **extra).logits
+            if use_cache:
+                step = self.cached_step(cache)
+            else:  # the whole sequence again, as the model's forward would see it
+                state = {"ids": prompt.input_ids, "extra": dict(prompt.forward_kwargs)}
+
+                def step(nxt, attn, pos):
+                    state["ids"] = torch.cat([state["ids"], nxt[:, None]], dim=1)
+                    state["extra"] = {k: _grow(v, batch) for k, v in state["extra"].items()}
+                    return self.model(input_ids=state["ids"], attention_mask=attn, position_ids=pos,
+                                      mm_encoder_outputs=dict(vision), use_cache=False, logits_to_keep=1,
+                                      **state["extra"]).logits
+            out_ids = self.greedy(logits, prompt.attention_mask, prompt.position_ids, step, max_new, stop_at_eos)
             t3 = self._now()
+        token_ids, answers, n_out = self.answers(out_ids)
+        if decide is not None:
+            knobs = Knobs(knobs.tier, knobs.insertion, *cap.decision)
+        return Generation(answers, n_out, prompt.vision_tokens, prompt.text_tokens, self._ms(t0, t1),
+                          self._ms(t1, t2) - stage2_ms[0], self._ms(t2, t3), cap.latency_token, token_ids, knobs,
+                          stage2_ms[0])
+
+    def cached_step(self, cache):
+        """One decode step with the KV cache: step(next tokens, attention mask, positions) -> logits."""
+        def step(nxt, attn, pos):
+            return self.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos[..., -1:],
+                              cache=cache, use_cache=True).logits
+        return step
+
+    def greedy(self, logits, attention_mask, positions, step, max_new: int, stop_at_eos: bool = True) -> torch.Tensor:
+        """Greedy decoding from the prefill's `logits`: (B, steps) token ids, a row that has ended
+        its turn padded with EOS; `step(next, attention mask, positions) -> logits` runs the model."""
+        batch = logits.shape[0]
+        out_ids = torch.empty(batch, 0, dtype=torch.long, device=logits.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+        attn, pos = attention_mask, positions
+        for i in range(max_new):
+            nxt = logits[:, -1].argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
+            out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
+            done |= nxt == self.eos_id
+            if i == max_new - 1 or (stop_at_eos and bool(done.all())):
+                break
+            attn = torch.cat([attn, attn.new_ones(batch, 1)], dim=1)
+            pos = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
+            logits = step(nxt, attn, pos)
+        return out_ids
+
+    def answers(self, out_ids: torch.Tensor) -> tuple[list[list[int]], list[str], list[int]]:
+        """Each row's tokens through its end of turn, its text and its length."""
         token_ids, answers, n_out = [], [], []
         for row in out_ids.tolist():
             cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
             token_ids.append(row[:cut])
             n_out.append(cut)
             answers.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        if decide is not None:
-            knobs = Knobs(knobs.tier, knobs.insertion, *cap.decision)
-        return Generation(answers, n_out, prompt.vision_tokens, prompt.text_tokens, self._ms(t0, t1),
-                          self._ms(t1, t2) - stage2_ms[0], self._ms(t2, t3), cap.latency_token, token_ids, knobs,
-                          stage2_ms[0])
+        return token_ids, answers, n_out
 
 
 def _grow(value, batch: int):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lvlm_ctrl.errors import UserError
@@ -57,6 +58,29 @@ class Family:
     def pinned_blocks(self) -> set[int]:
         """Blocks that stay whatever num_blocks says (block 0 always does: the KV cache reads the length there)."""
         return {0}
+
+    # what a decoder's forward takes that the rollout engine gives a continuation itself
+    continuation_own = frozenset({"input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache",
+                                  "past_key_values", "use_cache", "cache_position", "return_dict"})
+
+    def continuation_kwargs(self, decoder_kwargs: dict, insertion: int, rows: torch.Tensor) -> dict | None:
+        """What the decoder's forward needs, beside hidden states, mask and positions, to continue a
+        prefill from block `insertion` on the batch's rows `rows` (ascending), given what the model's
+        forward passed it in that prefill (`decoder_kwargs`); None where the family cannot, and the
+        rollout engine runs the configuration whole. By default: flags as they were, per-token
+        inputs (batch x prompt length, e.g. token types) on those rows, and nothing else."""
+        shape = decoder_kwargs["inputs_embeds"].shape[:2]
+        out = {}
+        for k, v in decoder_kwargs.items():
+            if k in self.continuation_own or v is None:
+                continue
+            if isinstance(v, (bool, int, float, str)):
+                out[k] = v
+            elif isinstance(v, torch.Tensor) and v.shape[:2] == shape:
+                out[k] = v[rows]
+            else:
+                return None
+        return out
 
     # ---- preprocessing ---------------------------------------------------------------------------
     def tier_kwargs(self, value) -> dict:
@@ -107,6 +131,19 @@ class Qwen3VLMoe(DynamicResolution):
         # the decoder adds deepstack feature i after its i-th block by loop index: skipping one of
         # these blocks would move a feature behind another block
         return {0, *range(len(self.config.vision_config.deepstack_visual_indexes))}
+
+    def continuation_kwargs(self, decoder_kwargs: dict, insertion: int, rows: torch.Tensor) -> dict | None:
+        # a continuation from block p starts with the pinned blocks p.. (its loop indices 0..): it adds
+        # deepstack features p.., on its own rows' image tokens (the features are the image tokens
+        # of all rows, row after row)
+        deepstack = ("visual_pos_masks", "deepstack_visual_embeds")
+        out = super().continuation_kwargs({k: v for k, v in decoder_kwargs.items() if k not in deepstack},
+                                          insertion, rows)
+        mask, features = (decoder_kwargs.get(k) for k in deepstack)
+        if out is None or features is None or insertion >= len(features):
+            return out
+        mine = torch.isin(mask.nonzero()[:, 0], rows)
+        return {**out, "visual_pos_masks": mask[rows], "deepstack_visual_embeds": [f[mine] for f in features[insertion:]]}
 
 
 class Glm4vMoe(DynamicResolution):

@@ -57,13 +57,15 @@ class KnobHooks:
 
     @contextmanager
     def run_blocks(self, kept: list[int], top_k: int | None = None, top_k_from: int = 0,
-                   capture_after: int | None = None):
-        """The general form: any kept list with block 0, top_k on routers of blocks >= top_k_from."""
+                   capture_after: int | None = None, continuation: bool = False):
+        """The general form: any kept list with block 0, top_k on routers of blocks >= top_k_from.
+        A `continuation` (the rollout engine's blocks after p, from hidden states it gives, with a
+        cache of their own) starts anywhere: its first block reads its cache's length."""
         state = Capture()
         saved = self._save()
         handle = self._capture(state, capture_after) if capture_after is not None else None
         try:
-            self._configure(kept, top_k, top_k_from)
+            self._configure(kept, top_k, top_k_from, continuation)
             yield state
         finally:
             if handle is not None:
@@ -149,8 +151,8 @@ class KnobHooks:
                 state.latency_token = hidden[:, -1].detach()
         return self.blocks[block].register_forward_hook(grab)
 
-    def _configure(self, kept: list[int], top_k: int | None, top_k_from: int) -> None:
-        if not kept or kept[0] != 0:
+    def _configure(self, kept: list[int], top_k: int | None, top_k_from: int, continuation: bool = False) -> None:
+        if not kept or (kept[0] != 0 and not continuation):
             raise ValueError("block 0 must be kept: the KV cache reads the sequence length from it")
         config = self.decoder.config
         for i, router in self.routers:
