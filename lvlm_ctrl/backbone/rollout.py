@@ -4,12 +4,14 @@ have in common, with the answers batch-1 `Backbone.generate` gives (issue 18).
 Every configuration of a sample at one tier sees the same preprocessed prompt and vision features,
 and runs blocks [0, p) at the default top_k before its insertion point p. So, per tier and batch
 of samples: the processor and the vision encoder once; one prefill through blocks [0, max p] that
-keeps each block's keys and values and the hidden states entering every insertion point. Then per
-configuration, batched over the samples that run it: its kept blocks after p continue from those
-hidden states with a KV cache of their own (numbered from 0, so that the prefix's length moves
-neither their mask nor their positions: they see the prompt as the whole prefill would), one cache
-is assembled for decoding (the prefix's layers [0, p), then the continuation's), and greedy decode
-runs as `generate`'s does, a row ending at its end of turn.
+keeps each block's keys and values and the hidden states entering every insertion point. The kept
+blocks after p of the configurations sharing p and top_k form a tree (the least important blocks are
+the ones left out, so lists of different lengths agree up to the first block the longer one adds):
+each segment continues once from the hidden states before it, on the samples of the configurations
+below it, with a KV cache of its own (numbered from 0, so that the prefix's length moves neither
+its mask nor its positions: it sees the prompt as the whole prefill would). Per configuration, one
+cache is assembled for decoding (the prefix's layers [0, p), then its segments'), and greedy decode
+runs as `generate`'s does, batched over its samples, a row ending at its end of turn.
 
 A family whose decoder needs more than hidden states, mask and positions to continue says so
 (`Family.continuation_kwargs`: Qwen3-VL's deepstack features); one that cannot continue has each
@@ -88,36 +90,99 @@ class RolloutEngine:
                     for k in wanted[tier][i]:
                         runs[k].append(row)
                 prefix = Prefix(bb, prompt, vision, sorted({k.insertion for k in runs}))
-                for knobs in sorted(runs, key=lambda k: (k.insertion, k.top_k, k.num_blocks)):
-                    rows = torch.tensor(runs[knobs], device=bb.device)
-                    extra = bb.family.continuation_kwargs(prefix.decoder_kwargs, knobs.insertion, rows)
-                    if extra is None:  # this family cannot continue: the configuration whole, on these rows
-                        gen = bb.generate([images[chunk[r]] for r in runs[knobs]],
-                                          [questions[chunk[r]] for r in runs[knobs]], knobs, max_new_tokens=max_new)
+                groups: dict[tuple[int, int], list[Knobs]] = defaultdict(list)  # (p, top_k) -> configurations
+                for k in sorted(runs, key=lambda k: (k.insertion, k.top_k, k.num_blocks)):
+                    groups[(k.insertion, k.top_k)].append(k)
+                for (p, _), members in groups.items():
+                    rows = {k: torch.tensor(runs[k], device=bb.device) for k in members}
+                    union = torch.tensor(sorted({r for k in members for r in runs[k]}), device=bb.device)
+                    if bb.family.continuation_kwargs(prefix.decoder_kwargs, p, union) is None:
+                        # this family cannot continue: each configuration whole, on its rows
+                        gens = {k: bb.generate([images[chunk[r]] for r in runs[k]], [questions[chunk[r]] for r in runs[k]],
+                                               k, max_new_tokens=max_new) for k in members}
                     else:
-                        gen = self._continue(prompt, prefix, knobs, rows, extra, max_new)
-                    out.update({(chunk[r], knobs): (gen, j) for j, r in enumerate(runs[knobs])})
+                        gens = self._continue(prompt, prefix, members, rows, max_new)
+                    for k, gen in gens.items():
+                        out.update({(chunk[r], k): (gen, j) for j, r in enumerate(runs[k])})
         return out
 
-    def _continue(self, prompt, prefix: Prefix, knobs: Knobs, rows: torch.Tensor, extra: dict,
-                  max_new: int) -> Generation:
-        """Configuration `knobs` on batch rows `rows` from the shared prefix."""
-        bb, p = self.backbone, knobs.insertion
-        kept = bb.hooks.kept_blocks(p, knobs.num_blocks)
-        mask, positions = prompt.attention_mask[rows], prompt.position_ids[..., rows, :]
+    def _continue(self, prompt, prefix: Prefix, members: list[Knobs], rows: dict[Knobs, torch.Tensor],
+                  max_new: int) -> dict[Knobs, Generation]:
+        """Configurations sharing p and top_k, each on its batch rows, from the shared prefix. Their
+        kept blocks after p form a tree (a configuration with more blocks shares every block up to
+        the first one its list adds): each segment runs once, on the rows of the configurations
+        below it, with a cache of its own; a configuration's cache is the prefix's layers [0, p),
+        then its segments' layers."""
+        bb = self.backbone
+        p, top_k = members[0].insertion, members[0].top_k
+        lists = {k: bb.hooks.kept_blocks(p, k.num_blocks) for k in members}
+        out: dict[Knobs, Generation] = {}
+
+        def grow(group: list[Knobs], depth: int, at: torch.Tensor, hidden, normed, layers: list):
+            """`group`'s lists agree on their first `depth` blocks after p, already run: the hidden
+            states after them (`hidden`, and `normed` as the decoder returns them) and each block's
+            keys and values (`layers`), on batch rows `at`."""
+            done = [k for k in group if len(lists[k]) == p + depth]
+            for k in done:  # this configuration's blocks have all run: its answer
+                pick = torch.searchsorted(at, rows[k])
+                last = normed[pick] if normed is not None else bb.hooks.decoder.norm(hidden[pick])
+                out[k] = self._answer(prompt, prefix, k, rows[k], last,
+                                      [(keys[pick], values[pick]) for keys, values in layers], max_new)
+            by_next: dict[int, list[Knobs]] = defaultdict(list)
+            for k in group:
+                if k not in done:
+                    by_next[lists[k][p + depth]].append(k)
+            for branch in by_next.values():
+                common = depth + 1  # the blocks every list of the branch has next, in the same order
+                while all(len(lists[k]) > p + common and lists[k][p + common] == lists[branch[0]][p + common]
+                          for k in branch):
+                    common += 1
+                segment = lists[branch[0]][p + depth:p + common]
+                sub = torch.tensor(sorted({r for k in branch for r in rows[k].tolist()}), device=at.device)
+                pick = torch.searchsorted(at, sub)
+                h, h_normed, seg_layers = self._segment(prompt, prefix, segment, top_k, p, sub, hidden[pick])
+                grow(branch, common, sub, h, h_normed,
+                     [(keys[pick], values[pick]) for keys, values in layers] + seg_layers)
+
+        union = torch.tensor(sorted({r for k in members for r in rows[k].tolist()}), device=bb.device)
+        entering = prefix.entering[p][union]
+        grow(members, 0, union, entering, None, [])
+        return out
+
+    def _segment(self, prompt, prefix: Prefix, blocks: list[int], top_k: int, p: int, rows: torch.Tensor, hidden):
+        """Blocks `blocks` (after p, top_k on them) on batch rows `rows` from `hidden`: -> the hidden
+        states after the last one, before the decoder's final norm and after it, and each block's
+        keys and values."""
+        bb = self.backbone
+        extra = bb.family.continuation_kwargs(prefix.decoder_kwargs, blocks[0], rows)
+        after = {}
+        hook = bb.hooks.blocks[blocks[-1]].register_forward_hook(
+            lambda _m, _a, output: after.setdefault("h", output[0] if isinstance(output, tuple) else output))
         own = DynamicCache()
-        with bb.hooks.run_blocks(kept[p:], knobs.top_k, p, continuation=True):
-            hidden = bb.hooks.decoder(inputs_embeds=prefix.entering[p][rows], attention_mask=mask,
-                                      position_ids=positions, cache=own, use_cache=True, **extra).last_hidden_state
-        logits = bb.model.get_output_embeddings()(hidden[:, -1:])
+        try:
+            with bb.hooks.run_blocks(blocks, top_k, p, continuation=True):
+                normed = bb.hooks.decoder(inputs_embeds=hidden, attention_mask=prompt.attention_mask[rows],
+                                          position_ids=prompt.position_ids[..., rows, :], cache=own, use_cache=True,
+                                          **extra).last_hidden_state
+        finally:
+            hook.remove()
+        return after["h"], normed, [(layer.keys, layer.values) for layer in own.layers]
+
+    def _answer(self, prompt, prefix: Prefix, knobs: Knobs, rows: torch.Tensor, normed, layers: list,
+                max_new: int) -> Generation:
+        """Decode configuration `knobs` on `rows` from its prompt's last (normed) hidden states and
+        its blocks' keys and values after p."""
+        bb, p = self.backbone, knobs.insertion
+        logits = bb.model.get_output_embeddings()(normed[:, -1:])
         cache = DynamicCache()
         for i in range(p):
             layer = prefix.cache.layers[i]
             cache.update(layer.keys[rows], layer.values[rows], i)
-        for j, layer in enumerate(own.layers):
-            cache.update(layer.keys, layer.values, p + j)
-        with bb.hooks.run_blocks(kept, knobs.top_k, p):
-            out_ids = bb.greedy(logits, mask, positions, bb.cached_step(cache), max_new)
+        for j, (keys, values) in enumerate(layers):
+            cache.update(keys, values, p + j)
+        with bb.hooks.run_blocks(bb.hooks.kept_blocks(p, knobs.num_blocks), knobs.top_k, p):
+            out_ids = bb.greedy(logits, prompt.attention_mask[rows], prompt.position_ids[..., rows, :],
+                                bb.cached_step(cache), max_new)
         return self._generation(prompt, rows, out_ids, knobs)
 
     def _generation(self, prompt, rows: torch.Tensor, out_ids: torch.Tensor, knobs: Knobs) -> Generation:
