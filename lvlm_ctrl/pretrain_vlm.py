@@ -15,8 +15,8 @@ On synth-VQA, two phases: the vision tower alone first (`vision_warmup_steps`), 
 scene under each of its tokens and of each object's shape from its tokens pooled; then the tower is
 frozen (`freeze_vision`) and the decoder learns the answers on its cached output, with a probe of
 which image tokens the question is about on its hidden states after block `question_block`
-(synth_targets.py; the probes are not saved). From the answers
-alone, a decoder of this width learned to read the image far too slowly for 40 minutes here.
+(synth_targets.py; the probes are not saved). From the answers alone, a decoder of this width
+learned to read the image far too slowly for 40 minutes here.
 """
 
 from __future__ import annotations
@@ -221,10 +221,11 @@ class PretrainVLM(L.LightningModule):
         image = torch.repeat_interleave(torch.arange(len(per_image), device=tokens.device),
                                         torch.tensor([len(f) for f in per_image], device=tokens.device))
         shown = target[:, 3] >= 0
-        objects, which = torch.unique(image[shown] * 16 + target[shown, 3], return_inverse=True)
-        pooled = torch.zeros(len(objects), tokens.shape[-1], device=tokens.device).index_add(0, which, tokens[shown])
-        pooled = pooled / torch.bincount(which, minlength=len(objects))[:, None]
-        object_shape = torch.zeros(len(objects), dtype=torch.long, device=tokens.device).scatter(
+        objects, which = torch.unique(torch.stack([image[shown], target[shown, 3]]), dim=1, return_inverse=True)
+        count = objects.shape[1]  # distinct (image, object) pairs
+        pooled = torch.zeros(count, tokens.shape[-1], device=tokens.device).index_add(0, which, tokens[shown])
+        pooled = pooled / torch.bincount(which, minlength=count)[:, None]
+        object_shape = torch.zeros(count, dtype=torch.long, device=tokens.device).scatter(
             0, which, target[shown, 4])
         heads = {"colour": (out[:, :c], target[:, 0]), "shape": (out[:, c:c + sh], target[:, 1]),
                  "digit": (out[:, c + sh:], target[:, 2]), "object_shape": (self.object_head(pooled), object_shape)}

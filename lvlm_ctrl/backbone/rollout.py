@@ -101,14 +101,15 @@ class RolloutEngine:
                         gens = {k: bb.generate([images[chunk[r]] for r in runs[k]], [questions[chunk[r]] for r in runs[k]],
                                                k, max_new_tokens=max_new) for k in members}
                     else:
-                        gens = self._continue(prompt, prefix, members, rows, max_new)
+                        gens = self._continue(prompt, prefix, members, rows, union, max_new)
                     for k, gen in gens.items():
                         out.update({(chunk[r], k): (gen, j) for j, r in enumerate(runs[k])})
         return out
 
     def _continue(self, prompt, prefix: Prefix, members: list[Knobs], rows: dict[Knobs, torch.Tensor],
-                  max_new: int) -> dict[Knobs, Generation]:
-        """Configurations sharing p and top_k, each on its batch rows, from the shared prefix. Their
+                  union: torch.Tensor, max_new: int) -> dict[Knobs, Generation]:
+        """Configurations sharing p and top_k, each on its batch rows (`union`: all of them,
+        ascending), from the shared prefix. Their
         kept blocks after p form a tree (a configuration with more blocks shares every block up to
         the first one its list adds): each segment runs once, on the rows of the configurations
         below it, with a cache of its own; a configuration's cache is the prefix's layers [0, p),
@@ -126,7 +127,7 @@ class RolloutEngine:
             for k in done:  # this configuration's blocks have all run: its answer
                 pick = torch.searchsorted(at, rows[k])
                 last = normed[pick] if normed is not None else bb.hooks.decoder.norm(hidden[pick])
-                out[k] = self._answer(prompt, prefix, k, rows[k], last,
+                out[k] = self._answer(prompt, prefix, k, lists[k], rows[k], last,
                                       [(keys[pick], values[pick]) for keys, values in layers], max_new)
             by_next: dict[int, list[Knobs]] = defaultdict(list)
             for k in group:
@@ -144,9 +145,7 @@ class RolloutEngine:
                 grow(branch, common, sub, h, h_normed,
                      [(keys[pick], values[pick]) for keys, values in layers] + seg_layers)
 
-        union = torch.tensor(sorted({r for k in members for r in rows[k].tolist()}), device=bb.device)
-        entering = prefix.entering[p][union]
-        grow(members, 0, union, entering, None, [])
+        grow(members, 0, union, prefix.entering[p][union], None, [])
         return out
 
     def _segment(self, prompt, prefix: Prefix, blocks: list[int], top_k: int, p: int, rows: torch.Tensor, hidden):
@@ -168,10 +167,10 @@ class RolloutEngine:
             hook.remove()
         return after["h"], normed, [(layer.keys, layer.values) for layer in own.layers]
 
-    def _answer(self, prompt, prefix: Prefix, knobs: Knobs, rows: torch.Tensor, normed, layers: list,
-                max_new: int) -> Generation:
-        """Decode configuration `knobs` on `rows` from its prompt's last (normed) hidden states and
-        its blocks' keys and values after p."""
+    def _answer(self, prompt, prefix: Prefix, knobs: Knobs, kept: list[int], rows: torch.Tensor, normed,
+                layers: list, max_new: int) -> Generation:
+        """Decode configuration `knobs` (its `kept` blocks) on `rows` from its prompt's last (normed)
+        hidden states and its blocks' keys and values after p."""
         bb, p = self.backbone, knobs.insertion
         logits = bb.model.get_output_embeddings()(normed[:, -1:])
         cache = DynamicCache()
@@ -180,7 +179,7 @@ class RolloutEngine:
             cache.update(layer.keys[rows], layer.values[rows], i)
         for j, (keys, values) in enumerate(layers):
             cache.update(keys, values, p + j)
-        with bb.hooks.run_blocks(bb.hooks.kept_blocks(p, knobs.num_blocks), knobs.top_k, p):
+        with bb.hooks.run_blocks(kept, knobs.top_k, p):
             out_ids = bb.greedy(logits, prompt.attention_mask[rows], prompt.position_ids[..., rows, :],
                                 bb.cached_step(cache), max_new)
         return self._generation(prompt, rows, out_ids, knobs)
