@@ -17,6 +17,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig
 
 from lvlm_ctrl.errors import UserError, cli
@@ -67,6 +68,13 @@ class LatencyModel:
         stages = {s: float(max(0.0, x @ np.array(entry["coefs"][s]))) for s in STAGES}
         stages["T_total_ms"] = sum(stages.values())
         return stages
+
+    def coefficients(self, configs: list) -> tuple:
+        """For Knobs `configs`: (C, stages, 1 + features) coefficients and (C,) mean output tokens,
+        as torch tensors (float64), for predicting many requests at once."""
+        entries = [self._entry(k.tier, k.insertion, k.top_k, k.num_blocks) for k in configs]
+        coefs = torch.tensor([[e["coefs"][s] for s in STAGES] for e in entries], dtype=torch.float64)
+        return coefs, torch.tensor([e["mean_output_tokens"] for e in entries], dtype=torch.float32)
 
     def predict_record(self, r: dict) -> dict:
         return self.predict(*(r[k] for k in KNOB_COLUMNS), r["vision_tokens"], r["text_tokens"], r["output_tokens"])

@@ -4,9 +4,11 @@
     python -m lvlm_ctrl.train -m controller=grpo controller.group_size=4,8 controller.lr=1e-4,3e-4
     python -m lvlm_ctrl.train controller=grpo strategy=ddp trainer.devices=2
     python -m lvlm_ctrl.train controller=lookup
+    python -m lvlm_ctrl.train controller=grpo budget=uniform controller.env=online data.limit=2000
 
 Both controllers learn from the offline profile at profile.path, which the ProfileDataModule
-(data/profiles.py) prepares first when there is none. What the controller config instantiates
+(data/profiles.py) prepares first when there is none; with controller.env=online, GRPO's rollouts run
+on the live backbone instead (grpo/online.py) and only the latency model is prepared. What the controller config instantiates
 decides the training: a LightningModule (GRPO) is fitted by a Lightning Trainer on that DataModule;
 a controller with `fit(profile)` (the lookup table) aggregates the profile. Returns the sweep
 objective (GRPO: the best val/auc_slo).
@@ -21,15 +23,27 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from lvlm_ctrl.controllers import training_node
+from lvlm_ctrl.data.profiles import check_env
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_text, check_writable
 
 RUN_CONFIG = "config.yaml"  # beside the checkpoints: the config of the run that wrote them (infer.from_run)
 
 
+def env_options(cfg: DictConfig) -> tuple[str, dict | None]:
+    """controller.env and its options, checked."""
+    env = cfg.controller.get("env", "profile")
+    online = OmegaConf.to_container(cfg.controller.online) if cfg.controller.get("online") else None
+    check_env(env, online, cfg.profile.get("latency_model"))
+    return env, online
+
+
 def build_data(cfg: DictConfig, backbone):
+    """The training data: the profile, or for controller.env=online the live environment's."""
     dataset = hydra.utils.instantiate(cfg.data)
-    return hydra.utils.instantiate(cfg.profile, backbone=backbone, dataset=dataset, seed=cfg.seed)
+    env, online = env_options(cfg)
+    return hydra.utils.instantiate(cfg.profile, backbone=backbone, dataset=dataset, seed=cfg.seed, env=env,
+                                   online=online)
 
 
 def check_checkpoint(path) -> None:
@@ -117,6 +131,8 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     target = hydra.utils.get_class(cfg.controller._target_)
     trained = issubclass(target, L.LightningModule)
+    if env_options(cfg)[0] != "profile" and not trained:  # checked before any work, as the budgets are
+        raise UserError(f"controller={cfg.controller_name} learns from a profile: drop controller.env")
     budgets = hydra.utils.instantiate(cfg.budget) if trained else None  # bad options fail before any work
     ckpt_path = resume_path(cfg) if trained else None
     backbone = hydra.utils.instantiate(cfg.model)

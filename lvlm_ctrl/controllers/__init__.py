@@ -17,9 +17,11 @@ from lvlm_ctrl.errors import UserError
 
 
 def training_node(controller: DictConfig) -> DictConfig:
-    """The controller's config without its `serving` part: what train instantiates."""
+    """The controller's config without its `serving` part and the environment's options (the
+    training data takes those): what train instantiates."""
     node = OmegaConf.to_container(controller, resolve=True)  # its interpolations point into the whole config
-    node.pop("serving", None)
+    for key in ("serving", "env", "online"):
+        node.pop(key, None)
     return OmegaConf.create(node)
 
 

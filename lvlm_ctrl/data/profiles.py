@@ -33,13 +33,32 @@ from lvlm_ctrl.profiling import SCHEMA, part_files, read_profile
 PREPARE_LOCK = ".prepare.lock"  # also marks a directory prepare_data works in (its steps' parts are not the profile)
 
 
+ONLINE_OPTIONS = ("measure_fraction", "refit_every", "rollout_batch_size")
+
+
+def check_env(env: str, online: dict | None, latency_model: str | None) -> None:
+    """controller.env and its options, or a one-line error (before anything loads)."""
+    if env not in ("profile", "online"):
+        raise UserError(f"controller.env={env!r}: choose profile or online")
+    if env == "online" and latency_model:
+        raise UserError("controller.env=online fits its latency model on its own measured questions and keeps "
+                        "refitting it; drop latency=predicted")
+    unknown = set(online or {}) - set(ONLINE_OPTIONS)
+    if unknown:
+        raise UserError(f"unknown controller.online option(s) {sorted(unknown)}: choose from {', '.join(ONLINE_OPTIONS)}")
+
+
 class ProfileDataModule(L.LightningDataModule):
     def __init__(self, backbone, dataset, path: str, measured: int = 150, answer_batch_size: int = 64,
                  batch_size: int = 32, val_fraction: float = 0.2, warmup: int = 3, seed: int = 0,
-                 latency_model: str | None = None):
+                 latency_model: str | None = None, env: str = "profile", online: dict | None = None):
         """latency_model: a fitted latency model's path: the environment's latencies are its predictions
-        (latency=predicted) instead of the measured ones."""
+        (latency=predicted) instead of the measured ones. env: `profile` (the controller learns from
+        the prepared profile) or `online` (grpo/online.py: only the measured step and the latency
+        model are prepared; rollouts run on the live backbone, with the `online` options)."""
         super().__init__()
+        check_env(env, online, latency_model)
+        self.env_kind, self.online = env, dict(online or {})
         for name, value in (("profile.measured", measured), ("profile.batch_size", batch_size),
                             ("profile.answer_batch_size", answer_batch_size)):
             if isinstance(value, bool) or not str(value).isdigit() or int(value) <= 0:
@@ -64,7 +83,18 @@ class ProfileDataModule(L.LightningDataModule):
             return prepared
         return self.path
 
+    @property
+    def work(self) -> Path:
+        """The directory of the preparation's steps."""
+        return self.path.parent if self.path.suffix == ".parquet" else self.path
+
     def prepare_data(self) -> None:
+        if self.env_kind == "online":  # the latency model is all it prepares
+            if (self.work / "latency_model.json").exists():
+                return
+            with exclusive(self.work / PREPARE_LOCK, f"preparing the latency model in {self.work}"):
+                self._prepare_latency(self.work, len(self.dataset), 2)
+            return
         if part_files(self.source):
             return
         out = self.source
@@ -74,26 +104,34 @@ class ProfileDataModule(L.LightningDataModule):
                 return
             self._prepare(work, out)
 
-    def _prepare(self, work: Path, out: Path) -> None:
-        from lvlm_ctrl.backbone import set_experts_implementation
-        from lvlm_ctrl.latency_model import LatencyModel, fit_and_report
+    def _prepare_latency(self, work: Path, n: int, steps: int) -> tuple[Path, Path]:
+        """Steps 1 and 2: the first `measured` questions timed at every configuration, the latency
+        model fitted on them; -> their directory and the model's path."""
+        from lvlm_ctrl.latency_model import fit_and_report
         from lvlm_ctrl.profile import profile_split
-        from lvlm_ctrl.profile_bootstrap import bootstrap
 
-        ds, n = self.dataset, len(self.dataset)
         m = min(self.measured, n)
-        print(f"no profile at {out}: preparing it from {n} {ds.name} {ds.split} questions ({m} timed at batch 1, "
-              f"the rest answered in batches); each step is kept under {work}", flush=True)
-        measured_dir = work / f"measured-{m}"
-        profile_split(self.backbone, _Subset(ds, m), measured_dir, "measured", warmup=self.warmup,
-                      desc=f"1/4 measured profile, {m} questions")
-        model_path = work / "latency_model.json"
+        measured_dir, model_path = work / f"measured-{m}", work / "latency_model.json"
+        profile_split(self.backbone, _Subset(self.dataset, m), measured_dir, "measured", warmup=self.warmup,
+                      desc=f"1/{steps} measured profile, {m} questions")
         if not model_path.exists():
             model, err = fit_and_report(read_profile(measured_dir), 0.2, required=False)
             model.meta["profile"] = str(measured_dir)
             model.save(model_path)
             mape = "too few questions to hold some out" if err is None else f"held-out MAPE {err * 100:.1f}%"
-            print(f"2/4 latency model ({mape}); wrote {model_path}", flush=True)
+            print(f"2/{steps} latency model ({mape}); wrote {model_path}", flush=True)
+        return measured_dir, model_path
+
+    def _prepare(self, work: Path, out: Path) -> None:
+        from lvlm_ctrl.backbone import set_experts_implementation
+        from lvlm_ctrl.latency_model import LatencyModel
+        from lvlm_ctrl.profile import profile_split
+        from lvlm_ctrl.profile_bootstrap import bootstrap
+
+        ds, n = self.dataset, len(self.dataset)
+        print(f"no profile at {out}: preparing it from {n} {ds.name} {ds.split} questions ({min(self.measured, n)} "
+              f"timed at batch 1, the rest answered in batches); each step is kept under {work}", flush=True)
+        measured_dir, model_path = self._prepare_latency(work, n, 4)
         answers_dir = work / f"answers-{n}"
         text_config = self.backbone.model.config.get_text_config()
         serving_kernel = getattr(text_config, "_experts_implementation", None)
@@ -116,9 +154,12 @@ class ProfileDataModule(L.LightningDataModule):
         from lvlm_ctrl.grpo.env import ProfileEnv
         from lvlm_ctrl.latency_model import LatencyModel, held_out_mask
 
-        df = self.profile()
-        latency_model = LatencyModel.load(self.latency_model) if self.latency_model else None
-        self.env = ProfileEnv(df, self.backbone.space, latency_model)
+        if self.env_kind == "online":
+            self.env = self._online_env()
+        else:
+            df = self.profile()
+            latency_model = LatencyModel.load(self.latency_model) if self.latency_model else None
+            self.env = ProfileEnv(df, self.backbone.space, latency_model)
         by_id = {s.sample_id: s for s in self.dataset.samples}
         missing = [i for i in self.env.sample_ids if i not in by_id]
         if missing:
@@ -133,6 +174,23 @@ class ProfileDataModule(L.LightningDataModule):
             raise UserError(f"{len(self.samples)} profiled samples are too few to hold out a validation set; "
                             "profile more (data.limit)")
         self.env.use_for_slo(self.train_idx)
+
+    def _online_env(self):
+        from lvlm_ctrl.grpo.online import OnlineEnv
+        from lvlm_ctrl.latency_model import LatencyModel
+
+        self.prepare_data()  # done already where Lightning called it: setup may run in another process
+        model = LatencyModel.load(self.work / "latency_model.json")
+        measured_dir = Path(str(model.meta.get("profile", "")))
+        if not part_files(measured_dir):
+            raise UserError(f"the measured profile the latency model in {self.work} was fitted on ({measured_dir}) is "
+                            "gone; delete latency_model.json there to measure again")
+        known = self.profile() if part_files(self.source) else None  # a profile there: read, not run
+        print(f"online environment: {len(self.dataset)} {self.dataset.name} {self.dataset.split} questions, rollouts on "
+              f"the live backbone ({0 if known is None else known['sample_id'].nunique()} questions read from a profile)",
+              flush=True)
+        return OnlineEnv(self.backbone, self.dataset.samples, model, read_profile(measured_dir), known, seed=self.seed,
+                         **self.online)
 
     def profile(self):
         """The profile's records (a DataFrame), prepared first if missing."""

@@ -21,17 +21,27 @@ from lvlm_ctrl.knobs import Knobs, KnobSpace
 from lvlm_ctrl.profiling import KNOB_COLUMNS, robust_quantile
 
 
+def table_shape(space: KnobSpace, num_samples: int) -> tuple[int, ...]:
+    """(S, tiers, P, K, N): a table over samples and the configurations of the space."""
+    return (num_samples, len(space.tiers), len(space.insertions), len(space.top_ks), space.max_block_options)
+
+
+def table_index(space: KnobSpace, df: pd.DataFrame) -> tuple[np.ndarray, ...]:
+    """The (tier, p, top_k, num_blocks) table indices of each record of df."""
+    tiers = {t: i for i, t in enumerate(space.tiers)}
+    return (df["tier"].map(tiers).to_numpy(), np.array([space.insertions.index(int(p)) for p in df["insertion"]]),
+            np.array([space.top_ks.index(int(k)) for k in df["top_k"]]),
+            df["num_blocks"].to_numpy(int) - (df["insertion"].to_numpy(int) + space.min_kept_after))
+
+
 class ProfileEnv:
     def __init__(self, df: pd.DataFrame, space: KnobSpace, latency_model=None):
         if df.empty:
             raise UserError("the GRPO environment needs a non-empty profile (profile.path)")
-        self.space = space
-        self.sample_ids = sorted(df["sample_id"].astype(str).unique())
-        index = {s: i for i, s in enumerate(self.sample_ids)}
-        shape = (len(self.sample_ids), len(space.tiers), len(space.insertions), len(space.top_ks),
-                 space.max_block_options)
-        self.accuracy = torch.full(shape, float("nan"))
-        self.latency = torch.full(shape, float("nan"))
+        sample_ids = sorted(df["sample_id"].astype(str).unique())
+        index = {s: i for i, s in enumerate(sample_ids)}
+        shape = table_shape(space, len(sample_ids))
+        accuracy, latency = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
         lat = df["T_total_ms"].to_numpy(float) if latency_model is None else latency_model.predict_frame(df)
         for tier, p, k, n in df[KNOB_COLUMNS].drop_duplicates().itertuples(index=False):
             try:
@@ -39,26 +49,29 @@ class ProfileEnv:
             except UserError as err:  # another backbone's or knob space's records: never index them
                 raise UserError(f"profile holds a configuration outside this backbone's knob space ({err}); "
                                 "profile this backbone (python -m lvlm_ctrl.profile)") from None
-        tiers = {t: i for i, t in enumerate(space.tiers)}
-        ti = df["tier"].map(tiers).to_numpy()
-        pi = np.array([space.insertions.index(int(p)) for p in df["insertion"]])
-        ki = np.array([space.top_ks.index(int(k)) for k in df["top_k"]])
-        ni = df["num_blocks"].to_numpy(int) - (df["insertion"].to_numpy(int) + space.min_kept_after)
-        si = df["sample_id"].astype(str).map(index).to_numpy()
-        self.accuracy[si, ti, pi, ki, ni] = torch.tensor(df["accuracy"].to_numpy(float), dtype=torch.float32)
-        self.latency[si, ti, pi, ki, ni] = torch.tensor(lat, dtype=torch.float32)
+        cells = (df["sample_id"].astype(str).map(index).to_numpy(), *table_index(space, df))
+        accuracy[cells] = torch.tensor(df["accuracy"].to_numpy(float), dtype=torch.float32)
+        latency[cells] = torch.tensor(lat, dtype=torch.float32)
+        # (S, tiers, 2): each sample's vision and text token count at each tier (as the profile encoded it)
+        token_counts = torch.zeros(len(sample_ids), len(space.tiers), 2)
+        if {"vision_tokens", "text_tokens"} <= set(df.columns):
+            first = df.drop_duplicates(["sample_id", "tier"])
+            token_counts[first["sample_id"].astype(str).map(index).to_numpy(), first["tier"].map(
+                {t: i for i, t in enumerate(space.tiers)}).to_numpy()] = \
+                torch.tensor(first[["vision_tokens", "text_tokens"]].to_numpy(float), dtype=torch.float32)
+        self._init_tables(space, sample_ids, accuracy, latency, token_counts)
+
+    def _init_tables(self, space: KnobSpace, sample_ids: list[str], accuracy: torch.Tensor, latency: torch.Tensor,
+                     token_counts: torch.Tensor) -> None:
+        """accuracy and latency: (S, tiers, P, K, N), NaN where not known or not valid."""
+        self.space, self.sample_ids = space, sample_ids
+        self.accuracy, self.latency, self.token_counts = accuracy, latency, token_counts
         # the feasible range as the lookup table sees it: the fastest and the slowest configuration's
         # 95th-percentile latency (rows a disturbance slowed left out), so both default to the same budgets
         q95 = self._q95(torch.arange(len(self.sample_ids)))
-        self.p95 = torch.tensor(q95, dtype=torch.float32).reshape(shape[1:])  # (tiers, P, K, N), NaN where invalid
+        self.p95 = torch.tensor(q95, dtype=torch.float32).reshape(latency.shape[1:])  # NaN where invalid
         self.feasible = (float(np.nanmin(q95)), float(np.nanmax(q95)))
         self.tier_cost = torch.arange(1, len(space.tiers) + 1, dtype=torch.float32) / len(space.tiers)
-        # (S, tiers, 2): each sample's vision and text token count at each tier (as the profile encoded it)
-        self.token_counts = torch.zeros(len(self.sample_ids), len(space.tiers), 2)
-        if {"vision_tokens", "text_tokens"} <= set(df.columns):
-            first = df.drop_duplicates(["sample_id", "tier"])
-            self.token_counts[first["sample_id"].astype(str).map(index).to_numpy(), first["tier"].map(tiers).to_numpy()] = \
-                torch.tensor(first[["vision_tokens", "text_tokens"]].to_numpy(float), dtype=torch.float32)
         self.set_groups(None)
         self.use_for_slo(torch.arange(len(self.sample_ids)))
 
@@ -69,7 +82,7 @@ class ProfileEnv:
         fewer than `min_samples`. On inputs that differ in cost, a configuration that keeps a budget
         on small images may not on large ones."""
         names = sorted(set(groups)) if groups is not None else ["all"]
-        self.group_names = names
+        self._groups, self.group_names = groups, names
         self.group_of = torch.tensor([names.index(g) for g in groups] if groups is not None else
                                      [0] * len(self.sample_ids))
         self.min_group = min_samples
@@ -78,6 +91,20 @@ class ProfileEnv:
                          dtype=torch.float32).reshape(self.p95.shape) for g in range(len(names))])
         if hasattr(self, "_slo_rows"):
             self.use_for_slo(self._slo_rows)
+
+    def refresh(self) -> None:
+        """Recompute the latency statistics (p95, per group, the SLO's sorted latencies) after the
+        latency table changed; the feasible range, which the budgets are bound to, stays."""
+        self.p95 = torch.tensor(self._q95(torch.arange(len(self.sample_ids))), dtype=torch.float32).reshape(self.p95.shape)
+        self.set_groups(self._groups, self.min_group)
+
+    def metrics(self) -> dict[str, float]:
+        """What the environment itself reports to the logger (the online one: its rollouts)."""
+        return {}
+
+    def report(self) -> dict:
+        """What it reports at the end of training (the online one: online_env.json)."""
+        return {}
 
     def _group_rows(self, g: int, rows: torch.Tensor) -> torch.Tensor:
         mine = rows[self.group_of[rows] == g]
@@ -150,8 +177,9 @@ def latency_tokens(backbone, samples, batch_size: int = 64) -> torch.Tensor:
         per_tier = []
         for tier in space.tiers:
             prompt = backbone.encode(images, questions, tier)
-            hs = backbone.prefill(prompt, backbone.vision(prompt), output_hidden_states=True,
-                                  logits_to_keep=1).hidden_states
+            with backbone.hooks.run_blocks(list(range(max(space.insertions)))):  # the blocks after it do not matter
+                hs = backbone.prefill(prompt, backbone.vision(prompt), output_hidden_states=True,
+                                      logits_to_keep=1).hidden_states
             per_tier.append(torch.stack([hs[p][:, -1] for p in space.insertions], dim=1))
         out.append(torch.stack(per_tier, dim=1).float().cpu())
     return torch.cat(out)

@@ -1,7 +1,8 @@
 """The GRPO LightningModule: the frozen backbone's features, the two heads, group sampling.
 
 One training step, per batch of samples: draw a budget per sample, sample G configurations per
-(sample, budget) from the current policy, score them (ProfileEnv), normalise rewards within each
+(sample, budget) from the current policy, score them (the environment: ProfileEnv reads an offline
+profile, OnlineEnv runs the live backbone), normalise rewards within each
 group, and take `num_iterations` clipped policy-gradient steps on those rollouts (manual
 optimisation). Validation takes the argmax configuration at a grid of budgets, guarded as serving
 is (`guard`: never a configuration whose profiled p95 is over the budget when one fits).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -31,6 +33,7 @@ from lvlm_ctrl.grpo.policy import (
     token_count_features,
 )
 from lvlm_ctrl.grpo.rewards import RewardConfig, reward_components, total_reward
+from lvlm_ctrl.io import atomic_write_json
 from lvlm_ctrl.knobs import KnobSpace
 
 
@@ -105,10 +108,7 @@ class GRPOModule(L.LightningModule):
         self.val_budgets = torch.linspace(*self.env.feasible, len(self.val_acc)).tolist()
         if self.group_by:  # the image's size class: latency statistics per group (ProfileEnv.set_groups)
             self.env.set_groups([size_class(*s.image_size()) for s in data.samples])
-        self.serving = {"feasible_ms": list(self.env.feasible),
-                        "config_latency_ms": self.env.latency.nanmedian(0).values.tolist(),
-                        "config_p95_ms": self.env.p95.tolist(),
-                        "group_p95_ms": dict(zip(self.env.group_names, self.env.group_p95.tolist()))}
+        self.serving = self.serving_stats()
         questions = [s.question for s in data.samples]
         # clone: tensors made under inference_mode cannot be module buffers that DDP broadcasts
         lang = language_features(self.backbone, questions)
@@ -125,7 +125,14 @@ class GRPOModule(L.LightningModule):
         counts = torch.from_numpy(token_count_features(self.env.token_counts[..., 0], self.env.token_counts[..., 1]))
         self.register_buffer("counts", counts, persistent=False)  # (S, tiers, 2)
 
+    def serving_stats(self) -> dict:
+        env = self.env
+        return {"feasible_ms": list(env.feasible), "config_latency_ms": env.latency.nanmedian(0).values.tolist(),
+                "config_p95_ms": env.p95.tolist(), "group_p95_ms": dict(zip(env.group_names, env.group_p95.tolist()))}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.env is not None:  # the online environment's latency statistics move as it refits
+            self.serving = self.serving_stats()
         checkpoint["serving"] = self.serving
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -134,6 +141,11 @@ class GRPOModule(L.LightningModule):
     def on_fit_start(self):
         if self.backbone is not None:
             self.backbone.model.to(self.device)
+
+    def on_fit_end(self):
+        report = self.env.report() if self.env is not None else {}
+        if report and self.trainer.is_global_zero:
+            atomic_write_json(Path(self.trainer.default_root_dir) / "online_env.json", report)
 
     def latency_tokens(self, policy: TwoStagePolicy, idx: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
         """(B, tiers, P, d) for samples idx at their budgets: precomputed, or the budget token's pass
@@ -217,6 +229,7 @@ class GRPOModule(L.LightningModule):
         for head in HEADS:
             choice = getattr(decision, head).float()
             log[f"knobs/{head}_mean_index"] = choice.mean()
+        log.update(self.env.metrics())
         self.log_dict({k: float(v) for k, v in log.items()}, batch_size=n, prog_bar=False)
         self.log("reward", float(rewards.mean()), prog_bar=True, batch_size=n)
 

@@ -1,0 +1,227 @@
+"""The online environment (`controller.env=online`): rollouts run on the live backbone.
+
+The seed's system trains on what the model does, not on a profile made beforehand: a (sample,
+configuration) pair a GRPO group draws for the first time is run by the rollout engine
+(backbone/rollout.py, batched over the step's new pairs, the vision encoder and the blocks before p
+shared) and its answer scored; the backbone is frozen and decoding greedy, so the score is kept
+and a second draw reads it. Pairs a given profile holds are read from it, never run.
+
+Latency is the latency model's, per request: the sample's own vision and text token counts (from
+preprocessing, known before any rollout) and its output tokens (the configuration's mean until the
+pair has run, then its own), plus the residual of a measured sample (drawn once per sample, seeded,
+as profile_bootstrap does), so the tails of this machine stay in the statistics the SLO reward and
+the guard read. A fraction `measure_fraction` of the new pairs is also timed at batch 1 (as serving
+times a request); every `refit_every` new measurements, the machine's speed since the first profile
+is divided out of them (`online/speed`), they become those pairs' latencies and the latency model
+is refitted on every timed record; its error on them, predicted before they were seen, is reported
+(`online/latency_mape`). Everything else is the profile environment's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lvlm_ctrl.backbone import set_experts_implementation
+from lvlm_ctrl.backbone.rollout import RolloutEngine
+from lvlm_ctrl.errors import UserError
+from lvlm_ctrl.grpo.env import ProfileEnv, table_index, table_shape
+from lvlm_ctrl.grpo.policy import Decision
+from lvlm_ctrl.latency_model import STAGES, LatencyModel, mape
+from lvlm_ctrl.metrics import vqa_score
+
+
+class OnlineEnv(ProfileEnv):
+    def __init__(self, backbone, samples: list, latency_model: LatencyModel, measured: pd.DataFrame,
+                 known: pd.DataFrame | None = None, *, measure_fraction: float = 0.02, refit_every: int = 200,
+                 rollout_batch_size: int = 64, seed: int = 0):
+        """samples: the split's; measured: a profile of some of them at every configuration, timed at
+        batch 1 (the latency model's first fit and the residuals' donors); known: records of any
+        profile whose answers are read instead of run."""
+        if not 0.0 <= float(measure_fraction) <= 1.0:
+            raise UserError(f"controller.online.measure_fraction={measure_fraction!r}: give a fraction in [0, 1]")
+        if int(refit_every) < 1:
+            raise UserError(f"controller.online.refit_every={refit_every!r}: give a positive number of measurements")
+        space = backbone.space
+        self.backbone, self.samples, self.model = backbone, list(samples), latency_model
+        self.engine = RolloutEngine(backbone, int(rollout_batch_size))
+        self.measure_fraction, self.refit_every = float(measure_fraction), int(refit_every)
+        self.rng = np.random.default_rng(seed)
+        ids = [str(s.sample_id) for s in self.samples]
+        self.index = {s: i for i, s in enumerate(ids)}
+        self.configs = space.configurations()
+        frame = pd.DataFrame([k.as_dict() for k in self.configs])
+        self.cell = tuple(torch.tensor(a) for a in table_index(space, frame))  # config c -> its table cell
+        self.config_of = torch.full(table_shape(space, 1)[1:], -1, dtype=torch.long)
+        self.config_of[self.cell] = torch.arange(len(self.configs))
+        self.tier_of = self.cell[0]
+        counts = prompt_token_counts(backbone, self.samples)  # (S, tiers, 2)
+        accuracy = torch.full(table_shape(space, len(ids)), float("nan"))
+        self.output_tokens = torch.full((len(ids), len(self.configs)), float("nan"))
+        self.measured_ms = torch.full((len(ids), len(self.configs), len(STAGES)), float("nan"))
+        self.measured = measured[measured["latency_source"].fillna("measured") == "measured"]
+        records = pd.concat([f for f in (measured, known) if f is not None and not f.empty], ignore_index=True)
+        records = records[records["sample_id"].astype(str).isin(self.index)]
+        if not records.empty:
+            s = torch.tensor(records["sample_id"].astype(str).map(self.index).to_numpy())
+            c = self.config_of[tuple(torch.tensor(a) for a in table_index(space, records))]
+            accuracy[(s, *(t[c] for t in self.cell))] = torch.tensor(records["accuracy"].to_numpy(float),
+                                                                        dtype=torch.float32)
+            self.output_tokens[s, c] = torch.tensor(records["output_tokens"].to_numpy(float), dtype=torch.float32)
+            timed = (records["latency_source"].fillna("measured") == "measured").to_numpy()
+            self.measured_ms[s[timed], c[timed]] = torch.tensor(records.loc[timed, STAGES].to_numpy(float),
+                                                                dtype=torch.float32)
+        self.new_measurements: list[dict] = []
+        self.history: list[dict] = []  # one entry per refit: rollouts run so far, measurements, the model's error
+        self.stats = {"rollouts_run": 0, "rollouts_read": 0, "rollout_s": 0.0, "measured": 0, "measure_s": 0.0}
+        self.last_mape = float("nan")
+        self._coefs = latency_model.coefficients(self.configs)
+        self.token_counts = counts
+        self._donors()
+        self._init_tables(space, ids, accuracy, self._latency_table(), counts)
+
+    # ---- latency ---------------------------------------------------------------------------
+    def _donors(self) -> None:
+        """Each sample's residual donor: itself where its every configuration was measured, else a
+        measured sample drawn at random (seeded), as profile_bootstrap draws them."""
+        complete = ~torch.isnan(self.measured_ms[..., 0]).any(1)
+        pool = torch.where(complete)[0]
+        if len(pool) == 0:
+            raise UserError("the online environment needs at least one sample timed at every configuration "
+                            "(profile.measured > 0)")
+        drawn = pool[torch.as_tensor(self.rng.integers(0, len(pool), len(self.samples)))]
+        self.donor = torch.where(complete, torch.arange(len(self.samples)), drawn)
+
+    def _predict(self, rows: torch.Tensor, out_tokens: torch.Tensor) -> torch.Tensor:
+        """(R, C, stages): the latency model's stage times for samples `rows` with output tokens (R, C)."""
+        coefs, mean_out = self._coefs  # (C, stages, 1 + features), (C,)
+        out = torch.where(torch.isnan(out_tokens), mean_out[None], out_tokens)
+        tok = self.token_counts[rows][:, self.tier_of]  # (R, C, 2): vision and text tokens at each config's tier
+        x = torch.cat([torch.ones_like(out)[..., None], tok, out[..., None]], dim=-1).double()
+        return torch.einsum("rcf,cgf->rcg", x, coefs).clamp(min=0.0).float()
+
+    def _latency_table(self) -> torch.Tensor:
+        """(S, tiers, P, K, N) total latency: own prediction + the donor's residual, measured where timed."""
+        predicted = self._predict(torch.arange(len(self.samples)), self.output_tokens)
+        residual = self.measured_ms - predicted  # NaN where not timed
+        stages = (predicted + residual[self.donor]).clamp(min=0.0)
+        total = torch.where(torch.isnan(self.measured_ms[..., 0]), stages.sum(-1), self.measured_ms.sum(-1))
+        table = torch.full(table_shape(self.backbone.space, len(self.samples)), float("nan"))
+        table[(slice(None), *self.cell)] = total
+        return table
+
+    def _refit(self) -> None:
+        """Fold the measurements since the last refit in and refit the latency model on every timed
+        record. The machine's speed drifts (here 1.8x between a morning's profile and the evening), and
+        the budgets, the feasible range and serving's calibration are in the units of the first
+        measured profile: so the window's speed against the model (the median of measured over
+        predicted) is divided out, and what the refit learns is the shape (which configuration and
+        which request costs how much). Reported: that speed, and the model's error on the window,
+        predicted before it was seen, with the speed taken out and raw."""
+        new = pd.DataFrame(self.new_measurements)
+        raw = new["T_total_ms"].to_numpy(float)
+        predicted = self.model.predict_frame(new)
+        speed = float(np.median(raw / np.maximum(predicted, 1e-9)))
+        self.last_mape, raw_mape = mape(predicted * speed, raw), mape(predicted, raw)
+        new[[*STAGES, "T_total_ms"]] /= speed
+        cells = torch.tensor(new[["row", "config"]].to_numpy())
+        self.measured_ms[cells[:, 0], cells[:, 1]] = torch.tensor(new[STAGES].to_numpy(float), dtype=torch.float32)
+        self.measured = pd.concat([self.measured, new.drop(columns=["row", "config"])], ignore_index=True)
+        self.model = LatencyModel.fit(self.measured)
+        self._coefs = self.model.coefficients(self.configs)
+        self.history.append({"rollouts_run": self.stats["rollouts_run"], "new_timed": len(new),
+                             "timed_records": len(self.measured), "speed": round(speed, 4),
+                             "mape": round(self.last_mape, 4), "mape_raw": round(raw_mape, 4)})
+        self.new_measurements = []
+        self.latency = self._latency_table()
+        self.refresh()
+
+    # ---- rollouts --------------------------------------------------------------------------
+    def outcome(self, sample_idx: torch.Tensor, d: Decision) -> tuple[torch.Tensor, torch.Tensor]:
+        configs = self.config_of[d.tier, d.insertion, d.top_k, d.num_blocks]
+        new = torch.isnan(self.output_tokens[sample_idx, configs])
+        pairs = sorted(set(zip(sample_idx[new].tolist(), configs[new].tolist())))
+        self.stats["rollouts_read"] += len(sample_idx) - len(pairs)  # a pair drawn twice in a step runs once
+        if pairs:
+            self._run(pairs)
+        return super().outcome(sample_idx, d)
+
+    def _run(self, pairs: list[tuple[int, int]]) -> None:
+        bb = self.backbone
+        rows = sorted({s for s, _ in pairs})
+        wanted = {s: [] for s in rows}
+        for s, c in pairs:
+            wanted[s].append(self.configs[c])
+        images = {s: self.samples[s].load_image() for s in rows}
+        t0 = time.perf_counter()
+        text_config = bb.model.config.get_text_config()
+        kernel = getattr(text_config, "_experts_implementation", None)
+        set_experts_implementation(bb.model, "grouped_mm")  # same answers, faster in batches
+        try:
+            out = self.engine.run([images[s] for s in rows], [self.samples[s].question for s in rows],
+                                  [wanted[s] for s in rows])
+        finally:
+            text_config._experts_implementation = kernel  # timed requests run the serving kernel
+        self.stats["rollout_s"] += time.perf_counter() - t0
+        self.stats["rollouts_run"] += len(pairs)
+        for s, c in pairs:
+            gen, row = out[(rows.index(s), self.configs[c])]
+            cell = (s, *(t[c] for t in self.cell))
+            self.accuracy[cell] = vqa_score(gen.answers[row], list(self.samples[s].answers))
+            self.output_tokens[s, c] = float(gen.output_tokens[row])
+        timed = [pairs[i] for i in np.flatnonzero(self.rng.random(len(pairs)) < self.measure_fraction)]
+        t0 = time.perf_counter()
+        for s, c in timed:
+            self._measure(s, c, images[s])
+        self.stats["measure_s"] += time.perf_counter() - t0
+        if len(self.new_measurements) >= self.refit_every:
+            self._refit()
+        else:  # the new pairs' own output tokens (and timings) into the table
+            self.latency = self._latency_table()
+
+    def _measure(self, s: int, c: int, image) -> None:
+        knobs = self.configs[c]
+        gen = self.backbone.generate([image], [self.samples[s].question], knobs)
+        stages = [gen.vision_ms, gen.prefill_ms, gen.decode_ms]
+        self.stats["measured"] += 1
+        self.new_measurements.append({  # into the table at the next refit, in the first profile's units
+            "row": s, "config": c, "sample_id": self.sample_ids[s], **knobs.as_dict(), "vision_tokens": int(gen.vision_tokens[0]),
+            "text_tokens": int(gen.text_tokens[0]), "output_tokens": int(gen.output_tokens[0]),
+            **dict(zip(STAGES, stages)), "T_total_ms": gen.total_ms, "latency_source": "measured"})
+
+    def report(self) -> dict:
+        """The run's figures (online_env.json beside the checkpoints): rollouts run and read, their
+        time, the measurements and the latency model's error at each refit."""
+        return {**{k: round(v, 2) if isinstance(v, float) else v for k, v in self.stats.items()},
+                "samples": len(self.samples), "pairs_known": int((~torch.isnan(self.output_tokens)).sum()),
+                "refits": self.history}
+
+    def metrics(self) -> dict[str, float]:
+        st = self.stats
+        drawn = st["rollouts_run"] + st["rollouts_read"]
+        out = {"online/rollouts_run": st["rollouts_run"], "online/read_fraction": st["rollouts_read"] / max(drawn, 1),
+               "online/rollouts_per_s": st["rollouts_run"] / max(st["rollout_s"], 1e-9),
+               "online/measured": st["measured"], "online/refits": len(self.history)}
+        if self.history:
+            out["online/latency_mape"] = self.last_mape
+            out["online/speed"] = self.history[-1]["speed"]
+        return out
+
+
+@torch.inference_mode()
+def prompt_token_counts(backbone, samples, batch_size: int = 64) -> torch.Tensor:
+    """(S, tiers, 2): each sample's vision and text token counts at every tier, from preprocessing
+    alone (what the latency model needs before a rollout has run)."""
+    out = torch.zeros(len(samples), len(backbone.space.tiers), 2)
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        images, questions = [s.load_image() for s in chunk], [s.question for s in chunk]
+        for t, tier in enumerate(backbone.space.tiers):
+            prompt = backbone.encode(images, questions, tier)
+            out[start:start + len(chunk), t] = torch.tensor([prompt.vision_tokens, prompt.text_tokens],
+                                                            dtype=torch.float32).T
+    return out
+
