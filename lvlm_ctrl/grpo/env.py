@@ -177,7 +177,9 @@ def latency_tokens(backbone, samples, batch_size: int = 64) -> torch.Tensor:
         per_tier = []
         for tier in space.tiers:
             prompt = backbone.encode(images, questions, tier)
-            with backbone.hooks.run_blocks(list(range(max(space.insertions)))):  # the blocks after it do not matter
+            # the blocks after max p do not matter; block max p runs so that the last hidden state, which the
+            # model hands back after its final norm, is not one of those read
+            with backbone.hooks.run_blocks(list(range(max(space.insertions) + 1))):
                 hs = backbone.prefill(prompt, backbone.vision(prompt), output_hidden_states=True,
                                       logits_to_keep=1).hidden_states
             per_tier.append(torch.stack([hs[p][:, -1] for p in space.insertions], dim=1))
