@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lvlm_ctrl.data.profiles import _Subset
+from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.online import OnlineEnv
 from lvlm_ctrl.grpo.policy import Decision
 from lvlm_ctrl.latency_model import STAGES, LatencyModel
@@ -107,6 +108,8 @@ def test_a_given_profile_is_read_not_run(backbone, easy_samples, measured):
              .itertuples(index=False)]
     acc, lat = env.outcome(torch.ones(6, dtype=torch.long), decision(backbone.space, picks))
     assert env.stats["rollouts_run"] == 0 and acc.eq(0.25).all() and lat.lt(1e5).all()
+    with pytest.raises(UserError, match="outside this backbone's knob space"):  # another space's: never indexed
+        OnlineEnv(backbone, easy_samples[:2], model, df, known=known.assign(top_k=3))
 
 
 def test_online_training_prepares_only_the_latency_model(tmp_path):
@@ -125,8 +128,6 @@ def test_online_training_prepares_only_the_latency_model(tmp_path):
 
 
 def test_online_env_options_are_checked(tmp_path):
-    from lvlm_ctrl.errors import UserError
-
     for override, message in (("controller.env=offline", "choose profile or online"),
                               ("+controller.online.bogus=1", "unknown controller.online option")):
         cfg = compose_train(tmp_path, "controller=grpo", "data.limit=4", f"profile.path={tmp_path / 'p'}", override)

@@ -26,6 +26,17 @@ def table_shape(space: KnobSpace, num_samples: int) -> tuple[int, ...]:
     return (num_samples, len(space.tiers), len(space.insertions), len(space.top_ks), space.max_block_options)
 
 
+def check_space(df: pd.DataFrame, space: KnobSpace) -> None:
+    """Every configuration of the records is one of the space's, or a one-line error: another
+    backbone's or knob space's records must never be indexed into its tables."""
+    for tier, p, k, n in df[KNOB_COLUMNS].drop_duplicates().itertuples(index=False):
+        try:
+            space.validate(Knobs(str(tier), int(p), int(k), int(n)))
+        except UserError as err:
+            raise UserError(f"profile holds a configuration outside this backbone's knob space ({err}); "
+                            "profile this backbone (python -m lvlm_ctrl.profile)") from None
+
+
 def table_index(space: KnobSpace, df: pd.DataFrame) -> tuple[np.ndarray, ...]:
     """The (tier, p, top_k, num_blocks) table indices of each record of df."""
     tiers = {t: i for i, t in enumerate(space.tiers)}
@@ -43,12 +54,7 @@ class ProfileEnv:
         shape = table_shape(space, len(sample_ids))
         accuracy, latency = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
         lat = df["T_total_ms"].to_numpy(float) if latency_model is None else latency_model.predict_frame(df)
-        for tier, p, k, n in df[KNOB_COLUMNS].drop_duplicates().itertuples(index=False):
-            try:
-                space.validate(Knobs(str(tier), int(p), int(k), int(n)))
-            except UserError as err:  # another backbone's or knob space's records: never index them
-                raise UserError(f"profile holds a configuration outside this backbone's knob space ({err}); "
-                                "profile this backbone (python -m lvlm_ctrl.profile)") from None
+        check_space(df, space)
         cells = (df["sample_id"].astype(str).map(index).to_numpy(), *table_index(space, df))
         accuracy[cells] = torch.tensor(df["accuracy"].to_numpy(float), dtype=torch.float32)
         latency[cells] = torch.tensor(lat, dtype=torch.float32)

@@ -28,7 +28,7 @@ import torch
 from lvlm_ctrl.backbone import set_experts_implementation
 from lvlm_ctrl.backbone.rollout import RolloutEngine
 from lvlm_ctrl.errors import UserError
-from lvlm_ctrl.grpo.env import ProfileEnv, table_index, table_shape
+from lvlm_ctrl.grpo.env import ProfileEnv, check_space, table_index, table_shape
 from lvlm_ctrl.grpo.policy import Decision
 from lvlm_ctrl.latency_model import STAGES, LatencyModel, mape
 from lvlm_ctrl.metrics import vqa_score
@@ -66,6 +66,7 @@ class OnlineEnv(ProfileEnv):
         records = pd.concat([f for f in (measured, known) if f is not None and not f.empty], ignore_index=True)
         records = records[records["sample_id"].astype(str).isin(self.index)]
         if not records.empty:
+            check_space(records, space)
             s = torch.tensor(records["sample_id"].astype(str).map(self.index).to_numpy())
             c = self.config_of[tuple(torch.tensor(a) for a in table_index(space, records))]
             accuracy[(s, *(t[c] for t in self.cell))] = torch.tensor(records["accuracy"].to_numpy(float),
