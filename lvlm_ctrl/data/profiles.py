@@ -171,8 +171,8 @@ class ProfileDataModule(L.LightningDataModule):
         held = torch.tensor(held_out_mask(self.env.sample_ids, self.val_fraction))
         self.train_idx, self.val_idx = torch.where(~held)[0], torch.where(held)[0]
         if len(self.train_idx) == 0 or len(self.val_idx) == 0:
-            raise UserError(f"{len(self.samples)} profiled samples are too few to hold out a validation set; "
-                            "profile more (data.limit)")
+            raise UserError(f"{len(self.samples)} training samples are too few to hold out a validation set "
+                            f"(profile.val_fraction={self.val_fraction}); raise data.limit")
         self.env.use_for_slo(self.train_idx)
 
     def _online_env(self):
