@@ -51,8 +51,10 @@ def test_new_pairs_run_once_scored_as_generate_scores_them(backbone, easy_sample
     space, configs = backbone.space, backbone.space.configurations()
     picks = [configs[0], configs[-1], configs[77], configs[150], configs[77]]
     rows = torch.tensor([2, 2, 5, 7, 5])  # (5, configs[77]) twice: one rollout
+    kernel = backbone.model.config.get_text_config()._experts_implementation
     acc, lat = env.outcome(rows, decision(space, picks))
     assert env.stats["rollouts_run"] == 4
+    assert backbone.model.config.get_text_config()._experts_implementation == kernel  # timed requests: serving's
     for r, k, a in zip(rows.tolist(), picks, acc.tolist()):
         gen = backbone.generate([samples[r].load_image()], [samples[r].question], k)
         assert a == vqa_score(gen.answers[0], list(samples[r].answers))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,6 +260,20 @@ def set_experts_implementation(model, name: str | None) -> None:
     from_pretrained(experts_implementation="grouped_mm") refuses LLaVA-style wrappers."""
     if name:
         model.config.get_text_config()._experts_implementation = name
+
+
+@contextmanager
+def experts_implementation(model, name: str):
+    """The MoE experts kernel `name` inside the block, the model's own (the serving kernel, which
+    requests are timed with) restored after it: batched answers run grouped_mm, the same answers
+    and twice as fast in batches."""
+    text_config = model.config.get_text_config()
+    serving = getattr(text_config, "_experts_implementation", None)
+    set_experts_implementation(model, name)
+    try:
+        yield
+    finally:
+        text_config._experts_implementation = serving
 
 
 def backbone_dir(path: str | None = None, asset: str | None = None) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lvlm_ctrl.backbone import set_experts_implementation
+from lvlm_ctrl.backbone import experts_implementation
 from lvlm_ctrl.backbone.rollout import RolloutEngine
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.env import ProfileEnv, check_space, table_index, table_shape
@@ -158,18 +158,14 @@ class OnlineEnv(ProfileEnv):
             wanted[s].append(self.configs[c])
         images = {s: self.samples[s].load_image() for s in rows}
         t0 = time.perf_counter()
-        text_config = bb.model.config.get_text_config()
-        kernel = getattr(text_config, "_experts_implementation", None)
-        set_experts_implementation(bb.model, "grouped_mm")  # same answers, faster in batches
-        try:
+        with experts_implementation(bb.model, "grouped_mm"):
             out = self.engine.run([images[s] for s in rows], [self.samples[s].question for s in rows],
                                   [wanted[s] for s in rows])
-        finally:
-            text_config._experts_implementation = kernel  # timed requests run the serving kernel
         self.stats["rollout_s"] += time.perf_counter() - t0
         self.stats["rollouts_run"] += len(pairs)
+        position = {s: i for i, s in enumerate(rows)}
         for s, c in pairs:
-            gen, row = out[(rows.index(s), self.configs[c])]
+            gen, row = out[(position[s], self.configs[c])]
             cell = (s, *(t[c] for t in self.cell))
             self.accuracy[cell] = vqa_score(gen.answers[row], list(self.samples[s].answers))
             self.output_tokens[s, c] = float(gen.output_tokens[row])
