@@ -131,8 +131,11 @@ def test_online_training_prepares_only_the_latency_model(tmp_path):
 
 def test_online_env_options_are_checked(tmp_path):
     for override, message in (("controller.env=offline", "choose profile or online"),
-                              ("+controller.online.bogus=1", "unknown controller.online option")):
-        cfg = compose_train(tmp_path, "controller=grpo", "data.limit=4", f"profile.path={tmp_path / 'p'}", override)
+                              ("+controller.online.bogus=1", "unknown controller.online option"),
+                              ("controller.online.measure_fraction=2", "give a fraction in"),
+                              ("controller.online.rollout_batch_size=0", "give a positive whole number")):
+        cfg = compose_train(tmp_path, "controller=grpo", "controller.env=online", "data.limit=4",
+                            f"profile.path={tmp_path / 'p'}", override)
         with pytest.raises(UserError, match=message):
             train(cfg)
     assert not (tmp_path / "p").exists()

@@ -33,9 +33,6 @@ from lvlm_ctrl.profiling import SCHEMA, part_files, read_profile
 PREPARE_LOCK = ".prepare.lock"  # also marks a directory prepare_data works in (its steps' parts are not the profile)
 
 
-ONLINE_OPTIONS = ("measure_fraction", "refit_every", "rollout_batch_size")
-
-
 def check_env(env: str, online: dict | None, latency_model: str | None) -> None:
     """controller.env and its options, or a one-line error (before anything loads)."""
     if env not in ("profile", "online"):
@@ -43,9 +40,9 @@ def check_env(env: str, online: dict | None, latency_model: str | None) -> None:
     if env == "online" and latency_model:
         raise UserError("controller.env=online fits its latency model on its own measured questions and keeps "
                         "refitting it; drop latency=predicted")
-    unknown = set(online or {}) - set(ONLINE_OPTIONS)
-    if unknown:
-        raise UserError(f"unknown controller.online option(s) {sorted(unknown)}: choose from {', '.join(ONLINE_OPTIONS)}")
+    from lvlm_ctrl.grpo.online import check_options
+
+    check_options(**(online or {}))
 
 
 class ProfileDataModule(L.LightningDataModule):

@@ -33,6 +33,22 @@ from lvlm_ctrl.grpo.policy import Decision
 from lvlm_ctrl.latency_model import STAGES, LatencyModel, mape
 from lvlm_ctrl.metrics import vqa_score
 
+OPTIONS = ("measure_fraction", "refit_every", "rollout_batch_size")
+
+
+def check_options(**options) -> None:
+    """controller.online's options, or a one-line error: before anything loads, and for OnlineEnv."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise UserError(f"unknown controller.online option(s) {sorted(unknown)}: choose from {', '.join(OPTIONS)}")
+    fraction = options.get("measure_fraction", 0.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise UserError(f"controller.online.measure_fraction={fraction!r}: give a fraction in [0, 1]")
+    for name in ("refit_every", "rollout_batch_size"):
+        value = options.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"controller.online.{name}={value!r}: give a positive whole number")
+
 
 class OnlineEnv(ProfileEnv):
     def __init__(self, backbone, samples: list, latency_model: LatencyModel, measured: pd.DataFrame,
@@ -41,10 +57,7 @@ class OnlineEnv(ProfileEnv):
         """samples: the split's; measured: a profile of some of them at every configuration, timed at
         batch 1 (the latency model's first fit and the residuals' donors); known: records of any
         profile whose answers are read instead of run."""
-        if not 0.0 <= float(measure_fraction) <= 1.0:
-            raise UserError(f"controller.online.measure_fraction={measure_fraction!r}: give a fraction in [0, 1]")
-        if int(refit_every) < 1:
-            raise UserError(f"controller.online.refit_every={refit_every!r}: give a positive number of measurements")
+        check_options(measure_fraction=measure_fraction, refit_every=refit_every, rollout_batch_size=rollout_batch_size)
         space = backbone.space
         self.backbone, self.samples, self.model = backbone, list(samples), latency_model
         self.engine = RolloutEngine(backbone, int(rollout_batch_size))
