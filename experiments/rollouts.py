@@ -4,8 +4,12 @@ sample, and a profile's every configuration of a chunk of samples, on the embedd
     python experiments/rollouts.py [--samples 64] [--group 16] [--profile-samples 32] [--rounds 2]
 
   seed     the seed's loop: one request at a time, batch 1 (Backbone.generate)
-  batched  today's batching before the engine: each configuration's requests in one generate call
-  engine   the rollout engine (backbone/rollout.py): vision and blocks [0, p) shared
+  batched  the batching before the engine: each configuration's requests in one generate call
+  engine   the rollout engine (backbone/rollout.py): vision and blocks [0, p) shared, every
+           configuration of a tier's batch in one continuation per p and one decode
+
+batched and engine run the grouped_mm experts kernel, as profile preparation and the online
+environment run them (backbone.experts_implementation); seed runs the serving kernel, batch 1.
 
 Each way runs `rounds` times in the order seed, batched, engine, engine, batched, seed, ... so that
 the machine's drift over minutes falls on all alike; the rate is total rollouts / total seconds.
@@ -25,7 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lvlm_ctrl.backbone import load_backbone
+from lvlm_ctrl.backbone import experts_implementation, load_backbone
 from lvlm_ctrl.backbone.rollout import RolloutEngine
 from lvlm_ctrl.data import build_dataset
 from lvlm_ctrl.io import atomic_write_json, machine
@@ -36,7 +40,7 @@ def seed_loop(bb, images, questions, configs):
             for i, ks in enumerate(configs) for k in ks}
 
 
-def batched(bb, images, questions, configs, batch_size=32):
+def batched(bb, images, questions, configs, batch_size=64):
     by = defaultdict(list)
     for i, ks in enumerate(configs):
         for k in dict.fromkeys(ks):
@@ -45,13 +49,15 @@ def batched(bb, images, questions, configs, batch_size=32):
     for k, rows in by.items():
         for s in range(0, len(rows), batch_size):
             part = rows[s:s + batch_size]
-            gen = bb.generate([images[i] for i in part], [questions[i] for i in part], k)
+            with experts_implementation(bb.model, "grouped_mm"):
+                gen = bb.generate([images[i] for i in part], [questions[i] for i in part], k)
             out.update({(i, k): t for i, t in zip(part, gen.token_ids)})
     return out
 
 
-def engine(bb, images, questions, configs, batch_size=32):
-    out = RolloutEngine(bb, batch_size=batch_size).run(images, questions, configs)
+def engine(bb, images, questions, configs):
+    with experts_implementation(bb.model, "grouped_mm"):
+        out = RolloutEngine(bb).run(images, questions, configs)
     return {key: gen.token_ids[row] for key, (gen, row) in out.items()}
 
 
@@ -100,7 +106,9 @@ def main() -> None:
                                   ["batched", "engine"], a.rounds)
     report = {
         "command": " ".join(["python experiments/rollouts.py", *sys.argv[1:]]),
-        "backbone": "tiny_moe (embedded default), tiers low 8 / medium 32 / high 64 px, batch_size 32",
+        "backbone": "tiny_moe (embedded default), tiers low 8 / medium 32 / high 64 px",
+        "settings": {"batched": "64 requests per generate call, grouped_mm", "seed": "batch 1, serving kernel",
+                     "engine": "RolloutEngine defaults (64 samples per prefill, 1024 pairs per decode), grouped_mm"},
         "grpo_groups": {"rollouts": g_n, "rollouts_per_s": g_rate, "same_answers": g_same,
                         "engine_vs_seed": round(g_rate["engine"] / g_rate["seed"], 2),
                         "engine_vs_batched": round(g_rate["engine"] / g_rate["batched"], 2)},

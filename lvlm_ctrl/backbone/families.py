@@ -65,7 +65,7 @@ class Family:
 
     def continuation_kwargs(self, decoder_kwargs: dict, insertion: int, rows: torch.Tensor) -> dict | None:
         """What the decoder's forward needs, beside hidden states, mask and positions, to continue a
-        prefill from block `insertion` on the batch's rows `rows` (ascending), given what the model's
+        prefill from block `insertion` on the batch's rows `rows` (repeats allowed), given what the model's
         forward passed it in that prefill (`decoder_kwargs`); None where the family cannot, and the
         rollout engine runs the configuration whole. By default: flags as they were, per-token
         inputs (batch x prompt length, e.g. token types) on those rows, and nothing else."""
@@ -135,14 +135,17 @@ class Qwen3VLMoe(DynamicResolution):
     def continuation_kwargs(self, decoder_kwargs: dict, insertion: int, rows: torch.Tensor) -> dict | None:
         # a continuation from block p starts with the pinned blocks p.. (its loop indices 0..): it adds
         # deepstack features p.., on its own rows' image tokens (the features are the image tokens
-        # of all rows, row after row)
+        # of all rows, row after row; a row may be asked for more than once)
         deepstack = ("visual_pos_masks", "deepstack_visual_embeds")
         out = super().continuation_kwargs({k: v for k, v in decoder_kwargs.items() if k not in deepstack},
                                           insertion, rows)
         mask, features = (decoder_kwargs.get(k) for k in deepstack)
         if out is None or features is None or insertion >= len(features):
             return out
-        mine = torch.isin(mask.nonzero()[:, 0], rows)
+        counts = mask.sum(-1)
+        starts = torch.cumsum(counts, 0) - counts
+        mine = torch.cat([torch.arange(int(starts[r]), int(starts[r] + counts[r]), device=mask.device)
+                          for r in rows.tolist()])
         return {**out, "visual_pos_masks": mask[rows], "deepstack_visual_embeds": [f[mine] for f in features[insertion:]]}
 
 

@@ -38,6 +38,8 @@ class KnobHooks:
         self.pinned = sorted(i for i in family.pinned_blocks() if i < self.num_layers)
         # (block index, router) for every router: a block may have none (dense) or several
         self.routers = [(i, r) for i, b in enumerate(self.blocks) for r in family.routers(b)]
+        # per block, each module that owns routers (the MoE layer, which calls them) with its routers
+        self.moe_layers = [_moe_layers(b, family.routers(b)) for b in self.blocks]
         self.default_top_k = [r.top_k for _, r in self.routers]
         self.ranking = list(ranking) if ranking is not None else list(range(self.num_layers))
         self._saved_types = getattr(self.decoder.config, "layer_types", None)
@@ -70,6 +72,21 @@ class KnobHooks:
         finally:
             if handle is not None:
                 handle.remove()
+            self._restore(saved)
+
+    @contextmanager
+    def per_row(self, blocks: list[int], keep: torch.Tensor, top_k: torch.Tensor, continuation: bool = False):
+        """Blocks `blocks` in order, each row of the batch at a configuration of its own (the rollout
+        engine's batches of many configurations): row r runs block blocks[j] where keep[r, j], its
+        hidden states passing unchanged where not, with top_k[r, j] experts (-1: the block's default).
+        A block no row keeps is not called. Rows at one top_k form one call of the MoE layer."""
+        saved = self._save()
+        try:
+            self._configure(blocks, None, 0, continuation)
+            self.decoder.layers = nn.ModuleList([_RowBlock(self.blocks[b], keep[:, j], top_k[:, j], self.moe_layers[b])
+                                                 for j, b in enumerate(blocks)])
+            yield
+        finally:
             self._restore(saved)
 
     @contextmanager
@@ -180,3 +197,85 @@ class KnobHooks:
         config.num_hidden_layers = self.num_layers
         if saved_types is not None:
             config.layer_types = saved_types
+
+
+def _moe_layers(block: nn.Module, routers: list[nn.Module]) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """(child of `block`, the routers under it) for each child with routers: the MoE layer as the
+    block calls it, on (batch, tokens, hidden) (inside it, a family may flatten or split tokens)."""
+    ids = {id(r) for r in routers}
+    found = []
+    for child in block.children():
+        mine = [m for m in child.modules() if id(m) in ids]
+        if mine:
+            found.append((child, mine))
+    return found
+
+
+class _RowBlock(nn.Module):
+    """A decoder block run per row (KnobHooks.per_row): its output where the row keeps it, its input
+    where not; the MoE layers inside it called once per top_k among the rows that keep it (the
+    others get zeros there: their output is dropped)."""
+
+    def __init__(self, block: nn.Module, keep: torch.Tensor, top_k: torch.Tensor, moe_layers):
+        super().__init__()
+        self.block, self.keep, self.moe_layers = block, keep, moe_layers
+        self.any = bool(keep.any())
+        self.all = bool(keep.all())
+        kept_k = top_k[keep]
+        self.parts = [(int(k), (keep & (top_k == k)).nonzero()[:, 0]) for k in torch.unique(kept_k).tolist()]
+
+    def __getattr__(self, name):
+        # what the decoder reads off its blocks (e.g. attention_type) is the wrapped block's
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if not self.any:
+            return hidden
+        originals = [(m, m.__dict__.get("forward")) for m, _ in self.moe_layers]
+        for module, routers in self.moe_layers:
+            module.forward = self._partitioned(module.forward, routers)
+        try:
+            out = self.block(*args, **kwargs)
+        finally:
+            for module, forward in originals:  # the instance's own forward, if it had one, or the class's
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
+        if self.all:
+            return out
+        h = out[0] if isinstance(out, tuple) else out
+        h = torch.where(self.keep[:, None, None], h, hidden)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def _partitioned(self, forward, routers):
+        parts = self.parts
+
+        def run(hidden_states, *args, **kwargs):
+            rows = hidden_states.shape[0]
+            out = None
+            for k, idx in parts:
+                saved = [r.top_k for r in routers]
+                if k >= 0:
+                    for r in routers:
+                        r.top_k = k
+                try:
+                    if len(parts) == 1 and self.all:
+                        return forward(hidden_states, *args, **kwargs)
+                    pick = lambda v: v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
+                    part = forward(hidden_states[idx], *map(pick, args), **{n: pick(v) for n, v in kwargs.items()})
+                finally:
+                    for r, t in zip(routers, saved):
+                        r.top_k = t
+                first = part[0] if isinstance(part, tuple) else part
+                if out is None:
+                    out = first.new_zeros((rows, *first.shape[1:]))
+                    rest = len(part) - 1 if isinstance(part, tuple) else None
+                out[idx] = first
+            # what a MoE layer returns beside its output (router logits) is for training losses only
+            return out if rest is None else (out, *[None] * rest)
+        return run

@@ -4,14 +4,15 @@ have in common, with the answers batch-1 `Backbone.generate` gives (issue 18).
 Every configuration of a sample at one tier sees the same preprocessed prompt and vision features,
 and runs blocks [0, p) at the default top_k before its insertion point p. So, per tier and batch
 of samples: the processor and the vision encoder once; one prefill through blocks [0, max p] that
-keeps each block's keys and values and the hidden states entering every insertion point. The kept
-blocks after p of the configurations sharing p and top_k form a tree (the least important blocks are
-the ones left out, so lists of different lengths agree up to the first block the longer one adds):
-each segment continues once from the hidden states before it, on the samples of the configurations
-below it, with a KV cache of its own (numbered from 0, so that the prefix's length moves neither
-its mask nor its positions: it sees the prompt as the whole prefill would). Per configuration, one
-cache is assembled for decoding (the prefix's layers [0, p), then its segments'), and greedy decode
-runs as `generate`'s does, batched over its samples, a row ending at its end of turn.
+keeps each block's keys and values and the hidden states entering every insertion point. Then the
+pairs themselves are the batch, one row each, whatever their configurations: per insertion point,
+one continuation of the prefill from block p on its pairs' rows, each row skipping the blocks its
+configuration leaves out and routing to its own top_k (`KnobHooks.per_row`), with a KV cache of its
+own (numbered from 0, so that the prefix's length moves neither its mask nor its positions: it sees
+the prompt as the whole prefill would); then one cache for all of them (the prefix's layers [0, p)
+and the continuation's after it, per row) and one greedy decode, batched as `generate`'s is, a row
+ending at its end of turn. A configuration's rows thus never wait for enough samples at that same
+configuration: GRPO's groups, a few samples per configuration, batch as well as a profile does.
 
 A family whose decoder needs more than hidden states, mask and positions to continue says so
 (`Family.continuation_kwargs`: Qwen3-VL's deepstack features); one that cannot continue has each
@@ -63,8 +64,9 @@ class Prefix:
 
 
 class RolloutEngine:
-    def __init__(self, backbone: Backbone, batch_size: int = 32):
-        self.backbone, self.batch_size = backbone, batch_size
+    def __init__(self, backbone: Backbone, batch_size: int = 64, max_rows: int = 1024):
+        # batch_size samples share a prefill; max_rows (sample, configuration) pairs share a decode
+        self.backbone, self.batch_size, self.max_rows = backbone, batch_size, max_rows
 
     @torch.inference_mode()
     def run(self, images: list, questions: list[str], configs: list[list[Knobs]],
@@ -83,109 +85,84 @@ class RolloutEngine:
             samples = sorted(wanted[tier])
             for start in range(0, len(samples), self.batch_size):
                 chunk = samples[start:start + self.batch_size]
+                pairs = sorted(((row, k) for row, i in enumerate(chunk) for k in wanted[tier][i]),
+                               key=lambda rk: (rk[1].insertion, rk[0], rk[1].top_k, rk[1].num_blocks))
                 prompt = bb.encode([images[i] for i in chunk], [questions[i] for i in chunk], tier)
                 vision = bb.vision(prompt)
-                runs: dict[Knobs, list[int]] = defaultdict(list)  # configuration -> its rows in the chunk
-                for row, i in enumerate(chunk):
-                    for k in wanted[tier][i]:
-                        runs[k].append(row)
-                prefix = Prefix(bb, prompt, vision, sorted({k.insertion for k in runs}))
-                groups: dict[tuple[int, int], list[Knobs]] = defaultdict(list)  # (p, top_k) -> configurations
-                for k in sorted(runs, key=lambda k: (k.insertion, k.top_k, k.num_blocks)):
-                    groups[(k.insertion, k.top_k)].append(k)
-                for (p, _), members in groups.items():
-                    rows = {k: torch.tensor(runs[k], device=bb.device) for k in members}
-                    union = torch.tensor(sorted({r for k in members for r in runs[k]}), device=bb.device)
-                    if bb.family.continuation_kwargs(prefix.decoder_kwargs, p, union) is None:
-                        # this family cannot continue: each configuration whole, on its rows
-                        gens = {k: bb.generate([images[chunk[r]] for r in runs[k]], [questions[chunk[r]] for r in runs[k]],
-                                               k, max_new_tokens=max_new) for k in members}
-                    else:
-                        gens = self._continue(prompt, prefix, members, rows, union, max_new)
-                    for k, gen in gens.items():
-                        out.update({(chunk[r], k): (gen, j) for j, r in enumerate(runs[k])})
+                prefix = Prefix(bb, prompt, vision, sorted({k.insertion for _, k in pairs}))
+                everyone = torch.arange(len(chunk), device=bb.device)
+                if bb.family.continuation_kwargs(prefix.decoder_kwargs, pairs[0][1].insertion, everyone) is None:
+                    gens = self._whole(images, questions, chunk, pairs, max_new)
+                else:
+                    gens = [g for s in range(0, len(pairs), self.max_rows)
+                            for g in self._rows(prompt, prefix, pairs[s:s + self.max_rows], max_new)]
+                for gen, rows in gens:
+                    out.update({(chunk[r], gen.knobs): (gen, j) for j, r in enumerate(rows)})
         return out
 
-    def _continue(self, prompt, prefix: Prefix, members: list[Knobs], rows: dict[Knobs, torch.Tensor],
-                  union: torch.Tensor, max_new: int) -> dict[Knobs, Generation]:
-        """Configurations sharing p and top_k, each on its batch rows (`union`: all of them,
-        ascending), from the shared prefix. Their
-        kept blocks after p form a tree (a configuration with more blocks shares every block up to
-        the first one its list adds): each segment runs once, on the rows of the configurations
-        below it, with a cache of its own; a configuration's cache is the prefix's layers [0, p),
-        then its segments' layers."""
-        bb = self.backbone
-        p, top_k = members[0].insertion, members[0].top_k
-        lists = {k: bb.hooks.kept_blocks(p, k.num_blocks) for k in members}
-        out: dict[Knobs, Generation] = {}
+    def _whole(self, images, questions, chunk, pairs, max_new):
+        """Each configuration run whole on its samples (a family that cannot continue a prefill)."""
+        runs: dict[Knobs, list[int]] = defaultdict(list)
+        for row, k in pairs:
+            runs[k].append(row)
+        return [(self.backbone.generate([images[chunk[r]] for r in rows], [questions[chunk[r]] for r in rows], k,
+                                        max_new_tokens=max_new), rows) for k, rows in runs.items()]
 
-        def grow(group: list[Knobs], depth: int, at: torch.Tensor, hidden, normed, layers: list):
-            """`group`'s lists agree on their first `depth` blocks after p, already run: the hidden
-            states after them (`hidden`, and `normed` as the decoder returns them) and each block's
-            keys and values (`layers`), on batch rows `at`."""
-            done = [k for k in group if len(lists[k]) == p + depth]
-            for k in done:  # this configuration's blocks have all run: its answer
-                pick = torch.searchsorted(at, rows[k])
-                last = normed[pick] if normed is not None else bb.hooks.decoder.norm(hidden[pick])
-                out[k] = self._answer(prompt, prefix, k, lists[k], rows[k], last,
-                                      [(keys[pick], values[pick]) for keys, values in layers], max_new)
-            by_next: dict[int, list[Knobs]] = defaultdict(list)
-            for k in group:
-                if k not in done:
-                    by_next[lists[k][p + depth]].append(k)
-            for branch in by_next.values():
-                common = depth + 1  # the blocks every list of the branch has next, in the same order
-                while all(len(lists[k]) > p + common and lists[k][p + common] == lists[branch[0]][p + common]
-                          for k in branch):
-                    common += 1
-                segment = lists[branch[0]][p + depth:p + common]
-                sub = torch.tensor(sorted({r for k in branch for r in rows[k].tolist()}), device=at.device)
-                pick = torch.searchsorted(at, sub)
-                h, h_normed, seg_layers = self._segment(prompt, prefix, segment, top_k, p, sub, hidden[pick])
-                grow(branch, common, sub, h, h_normed,
-                     [(keys[pick], values[pick]) for keys, values in layers] + seg_layers)
-
-        grow(members, 0, union, prefix.entering[p][union], None, [])
-        return out
-
-    def _segment(self, prompt, prefix: Prefix, blocks: list[int], top_k: int, p: int, rows: torch.Tensor, hidden):
-        """Blocks `blocks` (after p, top_k on them) on batch rows `rows` from `hidden`: -> the hidden
-        states after the last one, before the decoder's final norm and after it, and each block's
-        keys and values."""
-        bb = self.backbone
-        extra = bb.family.continuation_kwargs(prefix.decoder_kwargs, blocks[0], rows)
-        after = {}
-        hook = bb.hooks.blocks[blocks[-1]].register_forward_hook(
-            lambda _m, _a, output: after.setdefault("h", output[0] if isinstance(output, tuple) else output))
-        own = DynamicCache()
-        try:
-            with bb.hooks.run_blocks(blocks, top_k, p, continuation=True):
-                normed = bb.hooks.decoder(inputs_embeds=hidden, attention_mask=prompt.attention_mask[rows],
-                                          position_ids=prompt.position_ids[..., rows, :], cache=own, use_cache=True,
-                                          **extra).last_hidden_state
-        finally:
-            hook.remove()
-        return after["h"], normed, [(layer.keys, layer.values) for layer in own.layers]
-
-    def _answer(self, prompt, prefix: Prefix, knobs: Knobs, kept: list[int], rows: torch.Tensor, normed,
-                layers: list, max_new: int) -> Generation:
-        """Decode configuration `knobs` (its `kept` blocks) on `rows` from its prompt's last (normed)
-        hidden states and its blocks' keys and values after p."""
-        bb, p = self.backbone, knobs.insertion
-        logits = bb.model.get_output_embeddings()(normed[:, -1:])
+    def _rows(self, prompt, prefix: Prefix, pairs: list[tuple[int, Knobs]], max_new: int):
+        """`pairs` ((row of the prompt batch, configuration), by insertion point) as one batch: per
+        insertion point a continuation of the prefix on its pairs' rows, then one decode of all.
+        -> [(Generation of a configuration, the prompt rows it ran on)]."""
+        bb, hooks = self.backbone, self.backbone.hooks
+        n, dev = hooks.num_layers, bb.device
+        kept = {k: set(hooks.kept_blocks(k.insertion, k.num_blocks)) for k in {k for _, k in pairs}}
+        by_p: dict[int, list[tuple[int, Knobs]]] = defaultdict(list)
+        for row, k in pairs:
+            by_p[k.insertion].append((row, k))
+        last, layers = [], [([], []) for _ in range(n)]
+        order = [pair for group in by_p.values() for pair in group]
+        for p, group in by_p.items():
+            rows = torch.tensor([r for r, _ in group], device=dev)
+            blocks = list(range(p, n))
+            keep = torch.tensor([[b in kept[k] for b in blocks] for _, k in group], device=dev)
+            top_k = torch.tensor([[k.top_k] * len(blocks) for _, k in group], device=dev)
+            own = DynamicCache()
+            with hooks.per_row(blocks, keep, top_k, continuation=True):
+                normed = hooks.decoder(inputs_embeds=prefix.entering[p][rows], attention_mask=prompt.attention_mask[rows],
+                                       position_ids=prompt.position_ids[..., rows, :], cache=own, use_cache=True,
+                                       **bb.family.continuation_kwargs(prefix.decoder_kwargs, p, rows)).last_hidden_state
+            last.append(normed[:, -1:])
+            for b in range(n):
+                if b < p:
+                    keys, values = prefix.cache.layers[b].keys[rows], prefix.cache.layers[b].values[rows]
+                else:
+                    keys, values = self._layer(own, b - p, prefix.cache.layers[0], len(group))
+                layers[b][0].append(keys)
+                layers[b][1].append(values)
         cache = DynamicCache()
-        for i in range(p):
-            layer = prefix.cache.layers[i]
-            cache.update(layer.keys[rows], layer.values[rows], i)
-        for j, (keys, values) in enumerate(layers):
-            cache.update(keys, values, p + j)
-        with bb.hooks.run_blocks(kept, knobs.top_k, p):
+        for b, (keys, values) in enumerate(layers):
+            cache.update(torch.cat(keys), torch.cat(values), b)
+        rows = torch.tensor([r for r, _ in order], device=dev)
+        keep = torch.tensor([[b in kept[k] for b in range(n)] for _, k in order], device=dev)
+        # before p a configuration runs the default top_k (-1), from p on its own
+        top_k = torch.tensor([[-1] * k.insertion + [k.top_k] * (n - k.insertion) for _, k in order], device=dev)
+        logits = bb.model.get_output_embeddings()(torch.cat(last))
+        with hooks.per_row(list(range(n)), keep, top_k):
             out_ids = bb.greedy(logits, prompt.attention_mask[rows], prompt.position_ids[..., rows, :],
                                 bb.cached_step(cache), max_new)
-        return self._generation(prompt, rows, out_ids, knobs)
+        token_ids, answers, n_out = bb.answers(out_ids)
+        at: dict[Knobs, list[int]] = defaultdict(list)
+        for j, (_, k) in enumerate(order):
+            at[k].append(j)
+        return [(Generation([answers[j] for j in js], [n_out[j] for j in js],
+                            [prompt.vision_tokens[order[j][0]] for j in js], [prompt.text_tokens[order[j][0]] for j in js],
+                            token_ids=[token_ids[j] for j in js], knobs=k), [order[j][0] for j in js])
+                for k, js in at.items()]
 
-    def _generation(self, prompt, rows: torch.Tensor, out_ids: torch.Tensor, knobs: Knobs) -> Generation:
-        token_ids, answers, n_out = self.backbone.answers(out_ids)
-        r = rows.tolist()
-        return Generation(answers, n_out, [prompt.vision_tokens[i] for i in r], [prompt.text_tokens[i] for i in r],
-                          token_ids=token_ids, knobs=knobs)
+    @staticmethod
+    def _layer(cache: DynamicCache, i: int, like, rows: int):
+        """Layer i's keys and values of a continuation's cache; zeros shaped as the prefix's where
+        none of its rows ran that block (its rows skip it in decoding too, so nothing reads them)."""
+        if i < len(cache.layers) and getattr(cache.layers[i], "keys", None) is not None \
+                and cache.layers[i].keys.numel():
+            return cache.layers[i].keys, cache.layers[i].values
+        return (like.keys.new_zeros((rows, *like.keys.shape[1:])), like.values.new_zeros((rows, *like.values.shape[1:])))
