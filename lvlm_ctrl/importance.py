@@ -5,7 +5,8 @@
 
 Block Influence (BI) of block i is the mean over real (non-padding) tokens of 1 - cos(h_in, h_out),
 taken with hooks during full-model prefills. Accuracy drop is the accuracy lost when block i alone
-is removed. Block 0 is never skipped, so it ranks first whatever its score.
+is removed, every such configuration of every sample answered in one run of the rollout engine.
+Block 0 (and a family's pinned blocks) is never skipped, so it ranks first whatever its score.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from lvlm_ctrl.backbone import experts_implementation
+from lvlm_ctrl.backbone.rollout import Blocks, RolloutEngine
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_json, command, machine
 from lvlm_ctrl.metrics import vqa_score
@@ -56,22 +59,25 @@ def block_influence(backbone, samples, batch_size: int) -> list[float]:
     return (totals / max(count, 1)).tolist()
 
 
-def accuracy(backbone, samples, batch_size: int, kept: list[int]) -> float:
-    full = backbone.space.full()
-    scores = []
-    for images, questions, chunk in batches(samples, batch_size):
-        gen = backbone.generate(images, questions, full, kept=kept)
-        scores += [vqa_score(p, list(s.answers)) for p, s in zip(gen.answers, chunk)]
-    return sum(scores) / len(scores)
-
-
 def accuracy_drop(backbone, samples, batch_size: int) -> list[float]:
-    n = backbone.hooks.num_layers
-    base = accuracy(backbone, samples, batch_size, list(range(n)))
-    drops = [float("inf")]  # block 0 is never removed
-    for i in range(1, n):
-        drops.append(base - accuracy(backbone, samples, batch_size, [j for j in range(n) if j != i]))
-    return drops
+    """Per block, the accuracy lost without it (the full configuration otherwise): all of them
+    on all samples in one run of the rollout engine. Blocks that are never skipped (block 0, the
+    family's pinned ones) get inf: they rank first and stay."""
+    n, full = backbone.hooks.num_layers, backbone.space.full()
+    fixed = {0, *backbone.hooks.pinned}
+    variants = {i: Blocks(full, tuple(j for j in range(n) if j != i)) for i in range(n) if i not in fixed}
+    whole = Blocks(full, tuple(range(n)))
+    images, questions = [s.load_image() for s in samples], [s.question for s in samples]
+    with experts_implementation(backbone.model, "grouped_mm"):
+        out = RolloutEngine(backbone, batch_size=batch_size).run(
+            images, questions, [[whole, *variants.values()]] * len(samples))
+
+    def accuracy(key) -> float:
+        return sum(vqa_score(out[(i, key)][0].answers[out[(i, key)][1]], list(s.answers))
+                   for i, s in enumerate(samples)) / len(samples)
+
+    base = accuracy(whole)
+    return [base - accuracy(variants[i]) if i in variants else float("inf") for i in range(n)]
 
 
 def rank(scores: list[float]) -> list[int]:

@@ -4,7 +4,8 @@ batch, so left padding and row selection are exercised)."""
 
 import pytest
 
-from lvlm_ctrl.backbone.rollout import RolloutEngine
+from lvlm_ctrl.backbone.hooks import _fusable
+from lvlm_ctrl.backbone.rollout import Blocks, RolloutEngine
 from tests.test_hooks import FAMILIES
 
 
@@ -45,6 +46,14 @@ def test_engine_answers_equal_batch1_generation(family):
     assert batch1_mismatches(backbone, images, questions, configs) == [], name
 
 
+def test_engine_continues_each_insertion_point_alone_or_merged_alike(backbone, easy_samples):
+    """merge_below=0: every insertion point has a continuation of its own (a profile's case);
+    the default merges the few rows of each into one from the smallest (GRPO groups' case)."""
+    images, questions = [s.load_image() for s in easy_samples[:3]], [s.question for s in easy_samples[:3]]
+    configs = spread(backbone.space)
+    assert batch1_mismatches(backbone, images, questions, configs, merge_below=0) == []
+
+
 def test_engine_runs_each_sample_only_at_its_own_configurations(backbone, easy_samples):
     """Samples asking for different configurations (and one asking twice) get exactly those."""
     space = backbone.space
@@ -62,3 +71,25 @@ def test_engine_equals_batch1_at_every_configuration_of_20_samples(backbone, eas
     samples = easy_samples[:20]
     images, questions = [s.load_image() for s in samples], [s.question for s in samples]
     assert batch1_mismatches(backbone, images, questions, backbone.space.configurations()) == []
+
+
+def test_engine_runs_given_block_lists_as_generate_does(backbone, easy_samples):
+    """Blocks (importance's "every block but i"): the engine's answers are generate's with that kept list."""
+    full, n = backbone.space.full(), backbone.hooks.num_layers
+    variants = [Blocks(full, tuple(j for j in range(n) if j != i)) for i in (1, 7, 15)]
+    images, questions = [s.load_image() for s in easy_samples[:4]], [s.question for s in easy_samples[:4]]
+    out = RolloutEngine(backbone).run(images, questions, [variants] * 4)
+    for (i, key), (gen, row) in out.items():
+        assert gen.token_ids[row] == backbone.generate([images[i]], [questions[i]], full, kept=list(key.kept)).token_ids[0]
+    with pytest.raises(ValueError, match="must be kept"):
+        RolloutEngine(backbone).run(images[:1], questions[:1], [[Blocks(full, tuple(range(1, n)))]])
+
+
+def test_routing_is_padded_where_the_router_allows_it(backbone, tiny_backbones):
+    """One experts call per block for every top_k on OLMoE and Qwen3-VL-MoE; ERNIE's MoE layer splits
+    tokens by modality before its routers, so it runs once per top_k instead (both are checked
+    against batch-1 generation above)."""
+    def fused(bb):
+        return [all(_fusable(m, r) for r in rs) for layers in bb.hooks.moe_layers for m, rs in layers]
+    assert all(fused(backbone)) and all(fused(tiny_backbones("qwen3_vl_moe")))
+    assert not any(fused(tiny_backbones("ernie4_5_vl_moe")))

@@ -205,24 +205,35 @@ class Backbone:
                               cache=cache, use_cache=True).logits
         return step
 
-    def greedy(self, logits, attention_mask, positions, step, max_new: int, stop_at_eos: bool = True) -> torch.Tensor:
+    def greedy(self, logits, attention_mask, positions, step, max_new: int, stop_at_eos: bool = True,
+               select=None) -> torch.Tensor:
         """Greedy decoding from the prefill's `logits`: (B, steps) token ids, a row that has ended
-        its turn padded with EOS; `step(next, attention mask, positions) -> logits` runs the model."""
+        its turn padded with EOS; `step(next, attention mask, positions) -> logits` runs the model.
+        With `select(rows)`, the rows still decoding are all that later steps run: it is called
+        with their indices among the rows of the last step when some have ended (to drop the others
+        from the KV cache and whatever else `step` holds per row)."""
         batch = logits.shape[0]
-        out_ids = torch.empty(batch, 0, dtype=torch.long, device=logits.device)
+        out_ids = torch.full((batch, max_new), self.eos_id, dtype=torch.long, device=logits.device)
         done = torch.zeros(batch, dtype=torch.bool, device=logits.device)
+        live = torch.arange(batch, device=logits.device)
         attn, pos = attention_mask, positions
+        steps = 0
         for i in range(max_new):
             nxt = logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.eos_id), nxt)
-            out_ids = torch.cat([out_ids, nxt[:, None]], dim=1)
-            done |= nxt == self.eos_id
+            nxt = torch.where(done[live], torch.full_like(nxt, self.eos_id), nxt)
+            out_ids[live, i] = nxt
+            steps = i + 1
+            done[live] = done[live] | (nxt == self.eos_id)
             if i == max_new - 1 or (stop_at_eos and bool(done.all())):
                 break
-            attn = torch.cat([attn, attn.new_ones(batch, 1)], dim=1)
+            if select is not None and bool(done[live].any()):
+                stay = (~done[live]).nonzero()[:, 0]
+                select(stay)
+                live, nxt, attn, pos = live[stay], nxt[stay], attn[stay], pos[..., stay, :]
+            attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
             pos = torch.cat([pos, pos[..., -1:] + 1], dim=-1)
             logits = step(nxt, attn, pos)
-        return out_ids
+        return out_ids[:, :steps]
 
     def answers(self, out_ids: torch.Tensor) -> tuple[list[list[int]], list[str], list[int]]:
         """Each row's tokens through its end of turn, its text and its length."""

@@ -79,13 +79,14 @@ class KnobHooks:
         """Blocks `blocks` in order, each row of the batch at a configuration of its own (the rollout
         engine's batches of many configurations): row r runs block blocks[j] where keep[r, j], its
         hidden states passing unchanged where not, with top_k[r, j] experts (-1: the block's default).
-        A block no row keeps is not called. Rows at one top_k form one call of the MoE layer."""
+        A block no row keeps is not called. Rows at one top_k form one call of the MoE layer.
+        Yields select(rows): from then on the batch is those rows (decoding drops the ended ones)."""
         saved = self._save()
         try:
             self._configure(blocks, None, 0, continuation)
-            self.decoder.layers = nn.ModuleList([_RowBlock(self.blocks[b], keep[:, j], top_k[:, j], self.moe_layers[b])
-                                                 for j, b in enumerate(blocks)])
-            yield
+            gated = [_RowBlock(self.blocks[b], keep[:, j], top_k[:, j], self.moe_layers[b]) for j, b in enumerate(blocks)]
+            self.decoder.layers = nn.ModuleList(gated)
+            yield lambda rows: [g.select(rows) for g in gated]
         finally:
             self._restore(saved)
 
@@ -199,6 +200,28 @@ class KnobHooks:
             config.layer_types = saved_types
 
 
+_FUSABLE: dict[type, bool] = {}
+
+
+def _fusable(module: nn.Module, router: nn.Module) -> bool:
+    """Whether `module` calls `router` (its child) on all its tokens flattened and hands the
+    (logits, weights, indices) it returns to its experts: a router of that kind (tried once per
+    class on two zero tokens) directly under the module."""
+    if not any(c is router for c in module.children()):
+        return False
+    kind = type(router)
+    if kind not in _FUSABLE:
+        weight = getattr(router, "weight", None)
+        ok = isinstance(weight, torch.Tensor) and weight.dim() == 2
+        if ok:
+            with torch.no_grad():
+                out = router(weight.new_zeros(2, weight.shape[-1]))
+            ok = isinstance(out, tuple) and len(out) == 3 and not out[2].is_floating_point() \
+                and tuple(out[2].shape) == (2, router.top_k) and tuple(out[1].shape) == (2, router.top_k)
+        _FUSABLE[kind] = ok
+    return _FUSABLE[kind]
+
+
 def _moe_layers(block: nn.Module, routers: list[nn.Module]) -> list[tuple[nn.Module, list[nn.Module]]]:
     """(child of `block`, the routers under it) for each child with routers: the MoE layer as the
     block calls it, on (batch, tokens, hidden) (inside it, a family may flatten or split tokens)."""
@@ -218,11 +241,16 @@ class _RowBlock(nn.Module):
 
     def __init__(self, block: nn.Module, keep: torch.Tensor, top_k: torch.Tensor, moe_layers):
         super().__init__()
-        self.block, self.keep, self.moe_layers = block, keep, moe_layers
-        self.any = bool(keep.any())
-        self.all = bool(keep.all())
-        kept_k = top_k[keep]
-        self.parts = [(int(k), (keep & (top_k == k)).nonzero()[:, 0]) for k in torch.unique(kept_k).tolist()]
+        self.block, self.moe_layers = block, moe_layers
+        self._rows(keep, top_k)
+
+    def _rows(self, keep: torch.Tensor, top_k: torch.Tensor) -> None:
+        self.keep, self.top_k = keep, top_k
+        self.any, self.all = bool(keep.any()), bool(keep.all())
+        self.parts = [(int(k), (keep & (top_k == k)).nonzero()[:, 0]) for k in torch.unique(top_k[keep]).tolist()]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self._rows(self.keep[rows], self.top_k[rows])
 
     def __getattr__(self, name):
         # what the decoder reads off its blocks (e.g. attention_type) is the wrapped block's
@@ -235,22 +263,60 @@ class _RowBlock(nn.Module):
         hidden = args[0] if args else kwargs["hidden_states"]
         if not self.any:
             return hidden
-        originals = [(m, m.__dict__.get("forward")) for m, _ in self.moe_layers]
+        patched = []
         for module, routers in self.moe_layers:
-            module.forward = self._partitioned(module.forward, routers)
+            if all(_fusable(module, r) for r in routers):  # the experts once, every row's routing padded
+                patched += [(r, r.__dict__.get("forward"), self._padded(r.forward, r, *hidden.shape[:2])) for r in routers]
+            else:  # the whole MoE layer once per top_k
+                patched.append((module, module.__dict__.get("forward"), self._partitioned(module.forward, routers)))
+        for obj, _, forward in patched:
+            obj.forward = forward
         try:
             out = self.block(*args, **kwargs)
         finally:
-            for module, forward in originals:  # the instance's own forward, if it had one, or the class's
-                if forward is None:
-                    del module.forward
+            for obj, own, _ in patched:  # the instance's own forward, if it had one, or the class's
+                if own is None:
+                    del obj.forward
                 else:
-                    module.forward = forward
+                    obj.forward = own
         if self.all:
             return out
         h = out[0] if isinstance(out, tuple) else out
         h = torch.where(self.keep[:, None, None], h, hidden)
         return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def _padded(self, forward, router, rows: int, tokens: int):
+        """A router over the tokens of all `rows` (row after row, as the MoE layer flattens them)
+        that routes each row's tokens to its own top_k and pads them to the largest with zero-weight
+        picks of their first expert: one call of the experts for every top_k, each token's output
+        the sum of its own top_k's (the zeros add nothing). Rows that skip the block route at the
+        largest top_k with zero weights (their output is dropped)."""
+        parts, default = self.parts, router.top_k
+
+        def run(hidden_states):
+            # routers take the tokens flattened (OLMoE, Qwen) or as the block holds them (GLM-4.5V)
+            flat = hidden_states.dim() == 2
+            if tuple(hidden_states.shape[:2 - flat]) != ((rows * tokens,) if flat else (rows, tokens)):
+                raise RuntimeError(f"{type(router).__name__} got tokens shaped {tuple(hidden_states.shape)}, not the "
+                                   f"block's {rows} x {tokens}: route this family's MoE layers per top_k (_partitioned)")
+            ks = [default if k < 0 else k for k, _ in parts]
+            width = max(ks)
+            logits = weights = index = None
+            for k, (_, idx) in zip(ks, parts):
+                at = (idx[:, None] * tokens + torch.arange(tokens, device=idx.device)).reshape(-1)
+                router.top_k = k
+                try:
+                    lg, w, ix = forward(hidden_states[at] if flat else hidden_states[idx])
+                finally:
+                    router.top_k = default
+                if logits is None:
+                    n = rows * tokens
+                    logits, weights = lg.new_zeros((n, lg.shape[-1])), w.new_zeros((n, width))
+                    index = ix.new_zeros((n, width))
+                logits[at], weights[at, :k], index[at, :k] = lg, w, ix
+                index[at, k:] = ix[:, :1]
+            return logits, weights, index
+        return run
 
     def _partitioned(self, forward, routers):
         parts = self.parts

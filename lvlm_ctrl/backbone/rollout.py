@@ -5,13 +5,15 @@ Every configuration of a sample at one tier sees the same preprocessed prompt an
 and runs blocks [0, p) at the default top_k before its insertion point p. So, per tier and batch
 of samples: the processor and the vision encoder once; one prefill through blocks [0, max p] that
 keeps each block's keys and values and the hidden states entering every insertion point. Then the
-pairs themselves are the batch, one row each, whatever their configurations: per insertion point,
-one continuation of the prefill from block p on its pairs' rows, each row skipping the blocks its
-configuration leaves out and routing to its own top_k (`KnobHooks.per_row`), with a KV cache of its
-own (numbered from 0, so that the prefix's length moves neither its mask nor its positions: it sees
-the prompt as the whole prefill would); then one cache for all of them (the prefix's layers [0, p)
-and the continuation's after it, per row) and one greedy decode, batched as `generate`'s is, a row
-ending at its end of turn. A configuration's rows thus never wait for enough samples at that same
+pairs themselves are the batch, one row each, whatever their configurations: a continuation of the
+prefill per insertion point (those with few rows merged into one from the smallest, each row
+starting from the hidden states entering its own p and passing the blocks before it), skipping the blocks its configuration leaves out and
+routing to its own top_k (`KnobHooks.per_row`), with a KV cache of its own (numbered from its first
+block, so that the prefix's length moves neither its mask nor its positions: it sees the prompt as
+the whole prefill would); then one cache for all of them (per row, the prefix's layers before its p
+and the continuation's after) and one greedy decode, batched as `generate`'s is, a row leaving the
+batch at its end of turn. (Where what the decoder takes beside hidden states changes with p, as
+Qwen3-VL's deepstack features before block 3 do, each such p continues alone.) A configuration's rows thus never wait for enough samples at that same
 configuration: GRPO's groups, a few samples per configuration, batch as well as a profile does.
 
 A family whose decoder needs more than hidden states, mask and positions to continue says so
@@ -23,7 +25,8 @@ measurement.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -63,22 +66,44 @@ class Prefix:
                 h.remove()
 
 
+@dataclass(frozen=True)
+class Blocks:
+    """A configuration whose kept blocks are given (importance's "every block but i") rather than
+    chosen by num_blocks and the ranking; the engine runs it as it runs a configuration. `kept`
+    holds blocks [0, p) and the pinned ones."""
+
+    knobs: Knobs
+    kept: tuple[int, ...]
+
+    tier = property(lambda self: self.knobs.tier)
+    insertion = property(lambda self: self.knobs.insertion)
+    top_k = property(lambda self: self.knobs.top_k)
+    num_blocks = property(lambda self: len(self.kept))
+
+
 class RolloutEngine:
-    def __init__(self, backbone: Backbone, batch_size: int = 64, max_rows: int = 1024):
-        # batch_size samples share a prefill; max_rows (sample, configuration) pairs share a decode
-        self.backbone, self.batch_size, self.max_rows = backbone, batch_size, max_rows
+    def __init__(self, backbone: Backbone, batch_size: int = 64, max_rows: int = 1024, merge_below: int = 128):
+        # batch_size samples share a prefill; max_rows (sample, configuration) pairs share a decode;
+        # an insertion point with fewer than merge_below of them shares another's continuation
+        self.backbone, self.batch_size, self.max_rows, self.merge_below = backbone, batch_size, max_rows, merge_below
 
     @torch.inference_mode()
     def run(self, images: list, questions: list[str], configs: list[list[Knobs]],
             max_new_tokens: int | None = None) -> dict[tuple[int, Knobs], tuple[Generation, int]]:
-        """Sample i at each configuration of configs[i] (repeats run once) -> {(i, knobs): (the
-        Generation of the batch that ran it, its row there)}; answers and token counts only."""
+        """Sample i at each configuration of configs[i] (Knobs, or Blocks; repeats run once) ->
+        {(i, configuration): (the Generation of the batch that ran it, its row there)}; answers and
+        token counts only."""
         bb = self.backbone
         max_new = max_new_tokens or bb.max_new_tokens
         wanted: dict[str, dict[int, set[Knobs]]] = defaultdict(lambda: defaultdict(set))
         for i, ks in enumerate(configs):
             for k in ks:
-                bb.space.validate(k)
+                if isinstance(k, Blocks):
+                    bb.space.validate(k.knobs)
+                    if not set(range(k.insertion)) | set(bb.hooks.pinned) <= set(k.kept):
+                        raise ValueError(f"{k}: blocks [0, p) and the pinned ones must be kept")
+                else:
+                    bb.space.validate(k)
                 wanted[k.tier][i].add(k)
         out = {}
         for tier in bb.space.tiers:
@@ -96,8 +121,8 @@ class RolloutEngine:
                 else:
                     gens = [g for s in range(0, len(pairs), self.max_rows)
                             for g in self._rows(prompt, prefix, pairs[s:s + self.max_rows], max_new)]
-                for gen, rows in gens:
-                    out.update({(chunk[r], gen.knobs): (gen, j) for j, r in enumerate(rows)})
+                for key, (gen, rows) in gens:
+                    out.update({(chunk[r], key): (gen, j) for j, r in enumerate(rows)})
         return out
 
     def _whole(self, images, questions, chunk, pairs, max_new):
@@ -105,37 +130,53 @@ class RolloutEngine:
         runs: dict[Knobs, list[int]] = defaultdict(list)
         for row, k in pairs:
             runs[k].append(row)
-        return [(self.backbone.generate([images[chunk[r]] for r in rows], [questions[chunk[r]] for r in rows], k,
-                                        max_new_tokens=max_new), rows) for k, rows in runs.items()]
+        bb = self.backbone
+        return [(k, (bb.generate([images[chunk[r]] for r in rows], [questions[chunk[r]] for r in rows],
+                                 k.knobs if isinstance(k, Blocks) else k, max_new_tokens=max_new,
+                                 kept=list(k.kept) if isinstance(k, Blocks) else None), rows))
+                for k, rows in runs.items()]
 
     def _rows(self, prompt, prefix: Prefix, pairs: list[tuple[int, Knobs]], max_new: int):
-        """`pairs` ((row of the prompt batch, configuration), by insertion point) as one batch: per
-        insertion point a continuation of the prefix on its pairs' rows, then one decode of all.
-        -> [(Generation of a configuration, the prompt rows it ran on)]."""
+        """`pairs` ((row of the prompt batch, configuration), by insertion point) as one batch: a
+        continuation of the prefix on their rows per start (`_starts`), then one decode of all.
+        -> [(configuration, (its Generation, the prompt rows it ran on))]."""
         bb, hooks = self.backbone, self.backbone.hooks
         n, dev = hooks.num_layers, bb.device
-        kept = {k: set(hooks.kept_blocks(k.insertion, k.num_blocks)) for k in {k for _, k in pairs}}
-        by_p: dict[int, list[tuple[int, Knobs]]] = defaultdict(list)
+        kept = {k: set(k.kept) if isinstance(k, Blocks) else set(hooks.kept_blocks(k.insertion, k.num_blocks))
+                for k in {k for _, k in pairs}}
+        start = self._starts(prefix, Counter(k.insertion for _, k in pairs))
+        by_start: dict[int, list[tuple[int, Knobs]]] = defaultdict(list)
         for row, k in pairs:
-            by_p[k.insertion].append((row, k))
+            by_start[start[k.insertion]].append((row, k))
         last, layers = [], [([], []) for _ in range(n)]
-        order = [pair for group in by_p.values() for pair in group]
-        for p, group in by_p.items():
+        order = [pair for group in by_start.values() for pair in group]
+        for s, group in by_start.items():
             rows = torch.tensor([r for r, _ in group], device=dev)
-            blocks = list(range(p, n))
-            keep = torch.tensor([[b in kept[k] for b in blocks] for _, k in group], device=dev)
+            p = torch.tensor([k.insertion for _, k in group], device=dev)
+            blocks = list(range(s, n))
+            # a row from a later insertion point passes the blocks before it, its hidden states
+            # those entering its own p
+            keep = torch.tensor([[k.insertion <= b and b in kept[k] for b in blocks] for _, k in group], device=dev)
             top_k = torch.tensor([[k.top_k] * len(blocks) for _, k in group], device=dev)
+            hidden = prefix.entering[s][rows]
+            for q in p.unique().tolist():
+                if q != s:
+                    hidden[p == q] = prefix.entering[q][rows[p == q]]
             own = DynamicCache()
             with hooks.per_row(blocks, keep, top_k, continuation=True):
-                normed = hooks.decoder(inputs_embeds=prefix.entering[p][rows], attention_mask=prompt.attention_mask[rows],
+                normed = hooks.decoder(inputs_embeds=hidden, attention_mask=prompt.attention_mask[rows],
                                        position_ids=prompt.position_ids[..., rows, :], cache=own, use_cache=True,
-                                       **bb.family.continuation_kwargs(prefix.decoder_kwargs, p, rows)).last_hidden_state
+                                       **bb.family.continuation_kwargs(prefix.decoder_kwargs, s, rows)).last_hidden_state
             last.append(normed[:, -1:])
             for b in range(n):
-                if b < p:
-                    keys, values = prefix.cache.layers[b].keys[rows], prefix.cache.layers[b].values[rows]
+                before = prefix.cache.layers[b] if b < len(prefix.cache.layers) else None
+                if b < s:
+                    keys, values = before.keys[rows], before.values[rows]
                 else:
-                    keys, values = self._layer(own, b - p, prefix.cache.layers[0], len(group))
+                    keys, values = self._layer(own, b - s, prefix.cache.layers[0], len(group))
+                    if before is not None and bool((p > b).any()):  # blocks before a row's own p: the prefix's
+                        mine = (p > b)[:, None, None, None]
+                        keys, values = torch.where(mine, before.keys[rows], keys), torch.where(mine, before.values[rows], values)
                 layers[b][0].append(keys)
                 layers[b][1].append(values)
         cache = DynamicCache()
@@ -146,17 +187,34 @@ class RolloutEngine:
         # before p a configuration runs the default top_k (-1), from p on its own
         top_k = torch.tensor([[-1] * k.insertion + [k.top_k] * (n - k.insertion) for _, k in order], device=dev)
         logits = bb.model.get_output_embeddings()(torch.cat(last))
-        with hooks.per_row(list(range(n)), keep, top_k):
+        with hooks.per_row(list(range(n)), keep, top_k) as select:
+            def drop(stay):  # rows that have ended leave the batch: cache and per-row settings
+                cache.batch_select_indices(stay)
+                select(stay)
             out_ids = bb.greedy(logits, prompt.attention_mask[rows], prompt.position_ids[..., rows, :],
-                                bb.cached_step(cache), max_new)
+                                bb.cached_step(cache), max_new, select=drop)
         token_ids, answers, n_out = bb.answers(out_ids)
         at: dict[Knobs, list[int]] = defaultdict(list)
         for j, (_, k) in enumerate(order):
             at[k].append(j)
-        return [(Generation([answers[j] for j in js], [n_out[j] for j in js],
-                            [prompt.vision_tokens[order[j][0]] for j in js], [prompt.text_tokens[order[j][0]] for j in js],
-                            token_ids=[token_ids[j] for j in js], knobs=k), [order[j][0] for j in js])
+        return [(k, (Generation([answers[j] for j in js], [n_out[j] for j in js],
+                                [prompt.vision_tokens[order[j][0]] for j in js], [prompt.text_tokens[order[j][0]] for j in js],
+                                token_ids=[token_ids[j] for j in js], knobs=k.knobs if isinstance(k, Blocks) else k),
+                     [order[j][0] for j in js]))
                 for k, js in at.items()]
+
+    def _starts(self, prefix: Prefix, rows_at: dict[int, int]) -> dict[int, int]:
+        """insertion point -> the block its rows' continuation starts at. An insertion point with
+        few rows (under `merge_below`) joins the smallest one whose continuation takes the same
+        inputs (its rows pass the blocks in between: attention runs on them for nothing, cheaper
+        than one more pass for a few rows); one with many continues alone. Where the inputs differ
+        with p (Qwen3-VL's deepstack features before block 3), each p continues alone."""
+        bb = self.backbone
+        insertions = sorted(rows_at)
+        rows = torch.arange(prefix.entering[insertions[0]].shape[0], device=bb.device)
+        inputs = {p: bb.family.continuation_kwargs(prefix.decoder_kwargs, p, rows) for p in insertions}
+        return {p: p if rows_at[p] >= self.merge_below else next(s for s in insertions if _same(inputs[s], inputs[p]))
+                for p in insertions}
 
     @staticmethod
     def _layer(cache: DynamicCache, i: int, like, rows: int):
@@ -166,3 +224,14 @@ class RolloutEngine:
                 and cache.layers[i].keys.numel():
             return cache.layers[i].keys, cache.layers[i].values
         return (like.keys.new_zeros((rows, *like.keys.shape[1:])), like.values.new_zeros((rows, *like.values.shape[1:])))
+
+
+def _same(a, b) -> bool:
+    """Whether two sets of forward inputs are equal (tensors by value)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    return a == b
