@@ -86,7 +86,7 @@ class OnlineEnv(ProfileEnv):
                                                                         dtype=torch.float32)
             self.output_tokens[s, c] = torch.tensor(records["output_tokens"].to_numpy(float), dtype=torch.float32)
             timed = (records["latency_source"].fillna("measured") == "measured").to_numpy()
-            self.measured_ms[s[timed], c[timed]] = torch.tensor(records.loc[timed, STAGES].to_numpy(float),
+            self.measured_ms[s[timed], c[timed]] = torch.tensor(records.loc[timed, STAGES].to_numpy(float, copy=True),
                                                                 dtype=torch.float32)
         self.new_measurements: list[dict] = []
         self.history: list[dict] = []  # one entry per refit: rollouts run so far, measurements, the model's error
