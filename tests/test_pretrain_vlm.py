@@ -215,3 +215,22 @@ def test_bad_options_are_one_line(tmp_path, args, message):
     bad = run_cli("lvlm_ctrl.pretrain_vlm", *args, f"hydra.run.dir={tmp_path / 'bad'}")
     assert bad.returncode != 0 and message in error_line(bad)
     assert not (tmp_path / "bad" / "tiny_qwen3_vl_moe").exists()
+
+
+def test_size_buckets_batch_like_sizes_and_cover_every_sample_once():
+    from lvlm_ctrl.pretrain_vlm import SizeBuckets
+
+    import random as rnd
+    r = rnd.Random(0)
+    areas = [r.choice([128 * 128, 256 * 256, 640 * 640]) * r.uniform(0.9, 1.1) for _ in range(1000)]
+    sampler = SizeBuckets(areas, batch_size=16, pool=10, seed=3)
+    first = list(sampler)
+    flat = [i for b in first for i in b]
+    assert len(first) == len(sampler) and all(len(b) == 16 for b in first)
+    assert len(flat) == len(set(flat)) and len(flat) >= 1000 - 16 * 7  # each run drops its last partial batch
+    def padding(batches):  # tokens a batch pads to (its largest image) over the tokens it holds
+        return sum(max(areas[i] for i in b) * len(b) for b in batches) / sum(areas[i] for b in batches for i in b)
+    shuffled = list(range(1000))
+    r.shuffle(shuffled)
+    assert padding(first) < 1.3 < 2.0 < padding([shuffled[k:k + 16] for k in range(0, 992, 16)])
+    assert list(SizeBuckets(areas, 16, 10, seed=3)) == first and list(sampler) != first  # seeded, new each epoch
