@@ -236,8 +236,8 @@ def _moe_layers(block: nn.Module, routers: list[nn.Module]) -> list[tuple[nn.Mod
 
 class _RowBlock(nn.Module):
     """A decoder block run per row (KnobHooks.per_row): its output where the row keeps it, its input
-    where not; the MoE layers inside it called once per top_k among the rows that keep it (the
-    others get zeros there: their output is dropped)."""
+    where not. Inside it, each row's tokens go to their own top_k: by padded routing (`_padded`,
+    the experts once) where the router allows it, else the MoE layer once per top_k (`_partitioned`)."""
 
     def __init__(self, block: nn.Module, keep: torch.Tensor, top_k: torch.Tensor, moe_layers):
         super().__init__()
@@ -290,7 +290,7 @@ class _RowBlock(nn.Module):
         that routes each row's tokens to its own top_k and pads them to the largest with zero-weight
         picks of their first expert: one call of the experts for every top_k, each token's output
         the sum of its own top_k's (the zeros add nothing). Rows that skip the block route at the
-        largest top_k with zero weights (their output is dropped)."""
+        largest top_k, all to their first expert at zero weight (their output is dropped)."""
         parts, default = self.parts, router.top_k
 
         def run(hidden_states):
@@ -319,6 +319,8 @@ class _RowBlock(nn.Module):
         return run
 
     def _partitioned(self, forward, routers):
+        """The MoE layer's forward called once per top_k on the rows that keep the block at it
+        (their per-row inputs sliced alike); the other rows get zeros (their output is dropped)."""
         parts = self.parts
 
         def run(hidden_states, *args, **kwargs):
@@ -332,8 +334,8 @@ class _RowBlock(nn.Module):
                 try:
                     if len(parts) == 1 and self.all:
                         return forward(hidden_states, *args, **kwargs)
-                    pick = lambda v: v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
-                    part = forward(hidden_states[idx], *map(pick, args), **{n: pick(v) for n, v in kwargs.items()})
+                    part = forward(hidden_states[idx], *(_pick(v, idx, rows) for v in args),
+                                   **{n: _pick(v, idx, rows) for n, v in kwargs.items()})
                 finally:
                     for r, t in zip(routers, saved):
                         r.top_k = t
@@ -345,3 +347,8 @@ class _RowBlock(nn.Module):
             # what a MoE layer returns beside its output (router logits) is for training losses only
             return out if rest is None else (out, *[None] * rest)
         return run
+
+
+def _pick(value, idx: torch.Tensor, rows: int):
+    """`value`'s rows `idx` if it is a per-row tensor (first dimension `rows`), else `value`."""
+    return value[idx] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows else value
