@@ -46,12 +46,12 @@ def batched(bb, images, questions, configs, batch_size=64):
         for k in dict.fromkeys(ks):
             by[k].append(i)
     out = {}
-    for k, rows in by.items():
-        for s in range(0, len(rows), batch_size):
-            part = rows[s:s + batch_size]
-            with experts_implementation(bb.model, "grouped_mm"):
+    with experts_implementation(bb.model, "grouped_mm"):
+        for k, rows in by.items():
+            for s in range(0, len(rows), batch_size):
+                part = rows[s:s + batch_size]
                 gen = bb.generate([images[i] for i in part], [questions[i] for i in part], k)
-            out.update({(i, k): t for i, t in zip(part, gen.token_ids)})
+                out.update({(i, k): t for i, t in zip(part, gen.token_ids)})
     return out
 
 

@@ -73,8 +73,8 @@ def accuracy_drop(backbone, samples, batch_size: int) -> list[float]:
             images, questions, [[whole, *variants.values()]] * len(samples))
 
     def accuracy(key) -> float:
-        return sum(vqa_score(out[(i, key)][0].answers[out[(i, key)][1]], list(s.answers))
-                   for i, s in enumerate(samples)) / len(samples)
+        answers = [gen.answers[row] for gen, row in (out[(i, key)] for i in range(len(samples)))]
+        return sum(vqa_score(a, list(s.answers)) for a, s in zip(answers, samples)) / len(samples)
 
     base = accuracy(whole)
     return [base - accuracy(variants[i]) if i in variants else float("inf") for i in range(n)]

@@ -132,7 +132,7 @@ class RolloutEngine:
             runs[k].append(row)
         bb = self.backbone
         return [(k, (bb.generate([images[chunk[r]] for r in rows], [questions[chunk[r]] for r in rows],
-                                 k.knobs if isinstance(k, Blocks) else k, max_new_tokens=max_new,
+                                 _knobs(k), max_new_tokens=max_new,
                                  kept=list(k.kept) if isinstance(k, Blocks) else None), rows))
                 for k, rows in runs.items()]
 
@@ -143,7 +143,7 @@ class RolloutEngine:
         bb, hooks = self.backbone, self.backbone.hooks
         n, dev = hooks.num_layers, bb.device
         kept = {k: set(k.kept) if isinstance(k, Blocks) else set(hooks.kept_blocks(k.insertion, k.num_blocks))
-                for k in {k for _, k in pairs}}
+                for k in {k for _, k in pairs}}  # a configuration's blocks: given, or num_blocks of the ranking
         start = self._starts(prefix, Counter(k.insertion for _, k in pairs))
         by_start: dict[int, list[tuple[int, Knobs]]] = defaultdict(list)
         for row, k in pairs:
@@ -199,7 +199,7 @@ class RolloutEngine:
             at[k].append(j)
         return [(k, (Generation([answers[j] for j in js], [n_out[j] for j in js],
                                 [prompt.vision_tokens[order[j][0]] for j in js], [prompt.text_tokens[order[j][0]] for j in js],
-                                token_ids=[token_ids[j] for j in js], knobs=k.knobs if isinstance(k, Blocks) else k),
+                                token_ids=[token_ids[j] for j in js], knobs=_knobs(k)),
                      [order[j][0] for j in js]))
                 for k, js in at.items()]
 
@@ -211,6 +211,8 @@ class RolloutEngine:
         with p (Qwen3-VL's deepstack features before block 3), each p continues alone."""
         bb = self.backbone
         insertions = sorted(rows_at)
+        if all(rows_at[p] >= self.merge_below for p in insertions):  # nothing to merge: no inputs to compare
+            return {p: p for p in insertions}
         rows = torch.arange(prefix.entering[insertions[0]].shape[0], device=bb.device)
         inputs = {p: bb.family.continuation_kwargs(prefix.decoder_kwargs, p, rows) for p in insertions}
         return {p: p if rows_at[p] >= self.merge_below else next(s for s in insertions if _same(inputs[s], inputs[p]))
@@ -224,6 +226,11 @@ class RolloutEngine:
                 and cache.layers[i].keys.numel():
             return cache.layers[i].keys, cache.layers[i].values
         return (like.keys.new_zeros((rows, *like.keys.shape[1:])), like.values.new_zeros((rows, *like.values.shape[1:])))
+
+
+def _knobs(config: Knobs | Blocks) -> Knobs:
+    """The knobs of a configuration (a Blocks' own, with its kept list aside)."""
+    return config.knobs if isinstance(config, Blocks) else config
 
 
 def _same(a, b) -> bool:
