@@ -114,13 +114,15 @@ class Collate:
     processor's for the image tokens each cached image had."""
 
     def __init__(self, processor, prompt: str, tier_kwargs: dict[str, dict], fixed_tier: str | None = None,
-                 scene_labels=None, question_labels=None, cache: VisionCache | None = None):
+                 scene_labels=None, question_labels=None, cache: VisionCache | None = None,
+                 tier_weights: dict[str, float] | None = None):
         self.processor, self.prompt, self.tier_kwargs, self.fixed_tier = processor, prompt, tier_kwargs, fixed_tier
+        self.tier_weights = [float((tier_weights or {}).get(t, 1.0)) for t in tier_kwargs]
         self.eos = processor.tokenizer.eos_token
         self.scene_labels, self.question_labels, self.cache = scene_labels, question_labels, cache
 
     def __call__(self, samples):
-        tier = self.fixed_tier or random.choice(list(self.tier_kwargs))
+        tier = self.fixed_tier or random.choices(list(self.tier_kwargs), weights=self.tier_weights)[0]
         tok = self.processor.tokenizer
         answers = [s.answers[0] + self.eos for s in samples]
         texts = [self.prompt.format(question=s.question) + a for s, a in zip(samples, answers)]
@@ -352,6 +354,11 @@ def main(cfg: DictConfig) -> float:
         raise UserError("freeze_vision=true freezes the vision tower after its warm-up on the scene probe, and "
                         f"scene_weight={cfg.scene_weight} vision_warmup_steps={cfg.vision_warmup_steps} train none: "
                         "give both > 0, or pass freeze_vision=false")
+    weights = dict(cfg.tier_weights or {})
+    if set(weights) - set(cfg.model.tiers) or any(not isinstance(v, (int, float)) or v < 0 for v in weights.values()) \
+            or (weights and not sum(weights.get(t, 1.0) for t in cfg.model.tiers)):
+        raise UserError(f"tier_weights={weights}: give tiers of {', '.join(cfg.model.tiers)} non-negative numbers, "
+                        "not all zero (a tier left out weighs 1)")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.threads)
     splits = {s: hydra.utils.instantiate(cfg.data, split=s, limit=None).samples for s in ("train", "val", "test")}
@@ -367,7 +374,8 @@ def main(cfg: DictConfig) -> float:
     scene = scene_labels(cfg.data.seed) if cfg.scene_weight else None
     asked = question_labels(cfg.data.seed) if cfg.question_weight else None
     cache = VisionCache() if cfg.freeze_vision else None
-    collate = Collate(processor, prompt, tiers, scene_labels=scene, question_labels=asked, cache=cache)
+    collate = Collate(processor, prompt, tiers, scene_labels=scene, question_labels=asked, cache=cache,
+                      tier_weights=weights)
     if cfg.bucket_by_size:
         loader = torch.utils.data.DataLoader(splits["train"], collate_fn=collate, batch_sampler=SizeBuckets(
             image_areas(splits["train"]), cfg.batch_size, seed=cfg.seed))

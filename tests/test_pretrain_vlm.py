@@ -169,6 +169,23 @@ def test_cached_vision_batches_equal_the_processors(tmp_path):
         assert torch.allclose(module._forward(again, knobs)[0], expected, atol=1e-5)
 
 
+def test_tier_weights_pick_how_often_a_batch_runs_each_tier(tmp_path):
+    import random as rnd
+
+    from lvlm_ctrl.pretrain_vlm import Collate
+
+    generate(tmp_path / "val", "val", 0, images=1)
+    samples = build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[:2]
+    model, processor = qwen3_vl_moe(words=vocabulary(), seed=1)
+    tiers = {"low": {}, "medium": {}, "high": {}}
+    rnd.seed(0)
+    only_low = Collate(processor, "{question}<|vision_start|><|image_pad|><|vision_end|>", tiers,
+                       tier_weights={"medium": 0, "high": 0})
+    assert {only_low(samples)["tier"] for _ in range(12)} == {"low"}
+    alike = Collate(processor, "{question}<|vision_start|><|image_pad|><|vision_end|>", tiers)
+    assert {alike(samples)["tier"] for _ in range(30)} == set(tiers)
+
+
 def test_the_optimizer_trains_the_probe_head_too():
     from lvlm_ctrl.backbone.hooks import KnobHooks
     from lvlm_ctrl.knobs import KnobSpace
@@ -210,6 +227,8 @@ def test_pretrain_vlm_writes_a_checkpoint_the_serving_path_answers_with(tmp_path
     (["data=easy_vqa"], "data=easy_vqa has no such targets: pass scene_weight=0 question_weight=0"),
     (["vision_warmup_steps=0"], "freeze_vision=true freezes the vision tower after its warm-up"),
     (["scene_weight=0"], "freeze_vision=true freezes the vision tower after its warm-up"),
+    (["tier_weights={huge: 1}"], "tier_weights={'huge': 1}: give tiers of low, medium, high"),
+    (["tier_weights={low: -1}"], "tier_weights={'low': -1}: give tiers of low, medium, high"),
 ])
 def test_bad_options_are_one_line(tmp_path, args, message):
     bad = run_cli("lvlm_ctrl.pretrain_vlm", *args, f"hydra.run.dir={tmp_path / 'bad'}")
