@@ -20,6 +20,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lvlm_ctrl.controllers import training_node
@@ -36,6 +37,22 @@ def env_options(cfg: DictConfig) -> tuple[str, dict | None]:
     online = OmegaConf.to_container(cfg.controller.online) if cfg.controller.get("online") else None
     check_env(env, online, cfg.profile.get("latency_model"))
     return env, online
+
+
+# options one environment reads and the other does not: given for the other, they would do nothing
+ENV_ONLY = {"online": ("controller.online",), "profile": ("profile.answer_batch_size",)}
+
+
+def check_overrides(env: str, overrides: list[str]) -> None:
+    """A one-line error for a command-line option the chosen controller.env never reads."""
+    for other, prefixes in ENV_ONLY.items():
+        if other == env:
+            continue
+        for item in overrides:
+            key = item.split("=", 1)[0].lstrip("+~")
+            if any(key == p or key.startswith(p + ".") for p in prefixes):
+                raise UserError(f"{key} applies with controller.env={other} only, and this run trains with "
+                                f"controller.env={env}: drop it, or pass controller.env={other}")
 
 
 def build_data(cfg: DictConfig, backbone):
@@ -131,8 +148,11 @@ def train(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     target = hydra.utils.get_class(cfg.controller._target_)
     trained = issubclass(target, L.LightningModule)
-    if env_options(cfg)[0] != "profile" and not trained:  # checked before any work, as the budgets are
+    env = env_options(cfg)[0]
+    if env != "profile" and not trained:  # checked before any work, as the budgets are
         raise UserError(f"controller={cfg.controller_name} learns from a profile: drop controller.env")
+    if HydraConfig.initialized():
+        check_overrides(env, list(HydraConfig.get().overrides.task))
     budgets = hydra.utils.instantiate(cfg.budget) if trained else None  # bad options fail before any work
     ckpt_path = resume_path(cfg) if trained else None
     backbone = hydra.utils.instantiate(cfg.model)

@@ -45,6 +45,11 @@ CASES = [
     ("lvlm_ctrl.train", ["profile.path={tmp}/foreign", "data.limit=4"], "is of backbone ['qwen']"),
     ("lvlm_ctrl.train", ["controller=lookup", "profile.path={tmp}/broken"], "malformed profile part"),
     ("lvlm_ctrl.train", ["paths.output_dir={tmp}/a_file/run"], "cannot write into"),
+    # an option the chosen environment never reads
+    ("lvlm_ctrl.train", ["controller.online.measure_fraction=0.1"],
+     "controller.online.measure_fraction applies with controller.env=online only"),
+    ("lvlm_ctrl.train", ["controller.env=online", "profile.answer_batch_size=8"],
+     "profile.answer_batch_size applies with controller.env=profile only"),
     # evaluate
     ("lvlm_ctrl.evaluate", ["controller=lookup", "controller.table={tmp}/no_options.json"], "malformed lookup table"),
     ("lvlm_ctrl.evaluate", ["eval.output_dir={tmp}/a_file/run"], "cannot write into"),
