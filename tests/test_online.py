@@ -2,6 +2,8 @@
 generate scores them, run once per (sample, configuration), latency from the latency model on the
 request's own tokens plus a measured residual, timed rollouts refitting it; and training through it."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,28 @@ def test_timed_rollouts_refit_the_latency_model(backbone, easy_samples, measured
         assert env.latency[(r, *(i[configs.index(k)] for i in env.cell))].item() == pytest.approx(t, rel=1e-5)
 
 
+def test_a_resumed_environment_keeps_its_rollouts_and_refits(backbone, easy_samples, measured, tmp_path):
+    """state_dict -> a checkpoint (loaded with weights_only) -> a fresh environment: the pairs run
+    before are read, not run again, with the same scores and latencies, and the refitted latency
+    model is the one it had."""
+    df, model = measured
+    samples, configs = easy_samples[:4], backbone.space.configurations()
+    env = OnlineEnv(backbone, samples, model, df, measure_fraction=1.0, refit_every=2, seed=0)
+    picks, rows = [configs[3], configs[100], configs[200]], torch.tensor([1, 2, 3])
+    acc, lat = env.outcome(rows, decision(backbone.space, picks))
+    assert env.history and env.stats["rollouts_run"] == 3
+    torch.save({"env": env.state_dict()}, tmp_path / "env.ckpt")
+    state = torch.load(tmp_path / "env.ckpt", weights_only=True)["env"]
+    again = OnlineEnv(backbone, samples, model, df, measure_fraction=1.0, refit_every=2, seed=0)
+    again.load_state_dict(state)
+    acc2, lat2 = again.outcome(rows, decision(backbone.space, picks))
+    assert again.stats["rollouts_run"] == 3 and again.history == env.history
+    assert torch.equal(acc2, acc) and torch.allclose(lat2, env.outcome(rows, decision(backbone.space, picks))[1])
+    assert torch.allclose(again.latency, env.latency, equal_nan=True) and torch.allclose(again.p95, env.p95, equal_nan=True)
+    with pytest.raises(UserError, match="ran other samples"):
+        OnlineEnv(backbone, easy_samples[:3], model, df).load_state_dict(state)
+
+
 def test_a_given_profile_is_read_not_run(backbone, easy_samples, measured):
     """Pairs in a given profile are read (its answers' scores), never run; its latency counts only where
     it was measured."""
@@ -116,17 +140,26 @@ def test_a_given_profile_is_read_not_run(backbone, easy_samples, measured):
 
 def test_online_training_prepares_only_the_latency_model(tmp_path):
     prof = tmp_path / "prof"
-    cfg = compose_train(tmp_path / "run", "controller=grpo", "budget=uniform", "controller.env=online", "data.limit=16",
-                        "profile.measured=1", f"profile.path={prof}", "profile.batch_size=4", "profile.val_fraction=0.5",
-                        "controller.group_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2",
-                        "trainer.log_every_n_steps=1", "controller.online.measure_fraction=0.2",
-                        "controller.online.refit_every=2", "logger=csv")
+    overrides = ["controller=grpo", "budget=uniform", "controller.env=online", "data.limit=16", "profile.measured=1",
+                 f"profile.path={prof}", "profile.batch_size=4", "profile.val_fraction=0.5", "controller.group_size=4",
+                 "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+                 "controller.online.measure_fraction=0.2", "controller.online.refit_every=2", "logger=csv"]
+    cfg = compose_train(tmp_path / "run", *overrides)
     assert 0.0 < train(cfg) <= 1.0
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
     assert sorted(p.name for p in prof.iterdir() if not p.name.startswith(".")) == ["latency_model.json", "measured-1"]
     header = ",".join(f.read_text().splitlines()[0] for f in (tmp_path / "run" / "csv").rglob("metrics.csv"))
     for key in ("online/rollouts_run", "online/read_fraction", "online/latency_mape", "val/auc_slo"):
         assert key in header
+    # resumed: the environment comes back from last.ckpt, its rollouts and refits with it
+    before = json.loads((tmp_path / "run" / "online_env.json").read_text())
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["env"]
+    assert len(saved["known"]) == before["pairs_known"] and saved["history"] == before["refits"]
+    cfg = compose_train(tmp_path / "run", *[o for o in overrides if not o.startswith("trainer.max_steps")],
+                        "trainer.max_steps=6", "ckpt_path=last")
+    train(cfg)
+    after = json.loads((tmp_path / "run" / "online_env.json").read_text())
+    assert after["rollouts_run"] >= before["rollouts_run"] and after["refits"][:len(before["refits"])] == before["refits"]
 
 
 def test_online_env_options_are_checked(tmp_path):

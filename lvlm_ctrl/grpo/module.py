@@ -134,8 +134,14 @@ class GRPOModule(L.LightningModule):
         if self.env is not None:  # the online environment's latency statistics move as it refits
             self.serving = self.serving_stats()
         checkpoint["serving"] = self.serving
+        if hasattr(self.env, "state_dict"):  # the online environment's rollouts, for a resumed run
+            checkpoint["env"] = self.env.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # resuming: setup() has bound the environment already; serving loads without one
+        if checkpoint.get("env") is not None and hasattr(self.env, "load_state_dict"):
+            self.env.load_state_dict(checkpoint["env"])
+            checkpoint["serving"] = self.serving_stats()
         self.serving = checkpoint.get("serving", {})
 
     def on_fit_start(self):

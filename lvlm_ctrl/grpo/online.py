@@ -202,6 +202,41 @@ class OnlineEnv(ProfileEnv):
             "text_tokens": int(gen.text_tokens[0]), "output_tokens": int(gen.output_tokens[0]),
             **dict(zip(STAGES, stages)), "T_total_ms": gen.total_ms, "latency_source": "measured"})
 
+    # ---- resuming -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the environment has learned about the backbone, in plain values and tensors (a
+        checkpoint loads with weights_only): every pair run (its score and output tokens), every
+        timing, the refits and the random state, so that a resumed run neither runs a pair again
+        nor forgets a measurement."""
+        known = torch.nonzero(~torch.isnan(self.output_tokens))  # (pairs, 2): sample, config
+        timed = torch.nonzero(~torch.isnan(self.measured_ms[..., 0]))
+        cells = (known[:, 0], *(t[known[:, 1]] for t in self.cell))
+        return {"sample_ids": list(self.sample_ids), "known": known, "accuracy": self.accuracy[cells].clone(),
+                "output_tokens": self.output_tokens[known[:, 0], known[:, 1]].clone(), "timed": timed,
+                "timed_ms": self.measured_ms[timed[:, 0], timed[:, 1]].clone(),
+                "measured": {c: self.measured[c].tolist() for c in self.measured.columns},
+                "new_measurements": [dict(m) for m in self.new_measurements], "history": list(self.history),
+                "stats": dict(self.stats), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["sample_ids"]) != list(self.sample_ids):
+            raise UserError("the checkpoint's online environment ran other samples than this run's data "
+                            "(data.* or profile.* changed): resume with the options it was trained with")
+        known, timed = state["known"], state["timed"]
+        self.accuracy[(known[:, 0], *(t[known[:, 1]] for t in self.cell))] = state["accuracy"]
+        self.output_tokens[known[:, 0], known[:, 1]] = state["output_tokens"]
+        self.measured_ms[timed[:, 0], timed[:, 1]] = state["timed_ms"]
+        self.measured = pd.DataFrame(state["measured"])
+        self.new_measurements, self.history = list(state["new_measurements"]), list(state["history"])
+        self.stats.update(state["stats"])
+        self.rng.bit_generator.state = state["rng"]
+        if self.history:  # the refits' model: fitted on the same timed records, as it was
+            self.model = LatencyModel.fit(self.measured)
+            self._coefs = self.model.coefficients(self.configs)
+            self.last_mape = self.history[-1]["mape"]
+        self.latency = self._latency_table()
+        self.refresh()
+
     def report(self) -> dict:
         """The run's figures (online_env.json beside the checkpoints): rollouts run and read, their
         time, the measurements and the latency model's error at each refit."""
