@@ -93,3 +93,20 @@ def test_routing_is_padded_where_the_router_allows_it(backbone, tiny_backbones):
         return [all(_fusable(m, r) for r in rs) for layers in bb.hooks.moe_layers for m, rs in layers]
     assert all(fused(backbone)) and all(fused(tiny_backbones("qwen3_vl_moe")))
     assert not any(fused(tiny_backbones("ernie4_5_vl_moe")))
+
+
+def test_rows_that_start_alike_share_blocks_until_their_kept_lists_part():
+    """shared_rows: rows 0-2 start alike (one sample, one p), row 3 elsewhere. Rows 0 and 1 keep
+    blocks 0-1 at top_k 4 and part at block 2 (row 1 skips it); row 2 runs top_k 8 from the start."""
+    import torch
+
+    from lvlm_ctrl.backbone.hooks import shared_rows
+
+    keep = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    top_k = torch.tensor([[4] * 4, [4] * 4, [8] * 4, [4] * 4])
+    shared = shared_rows(keep, top_k, torch.tensor([0, 0, 0, 1]))
+    for j in (0, 1):  # rows 0 and 1 run once, on row 0
+        reps, of = shared[j]
+        assert reps.tolist() == [0, 2, 3] and of[1] == of[0]
+    assert shared[2] is None  # row 1 skips it: every keeper differs
+    assert shared[3] is None  # rows 0 and 1 have parted

@@ -75,16 +75,21 @@ class KnobHooks:
             self._restore(saved)
 
     @contextmanager
-    def per_row(self, blocks: list[int], keep: torch.Tensor, top_k: torch.Tensor, continuation: bool = False):
+    def per_row(self, blocks: list[int], keep: torch.Tensor, top_k: torch.Tensor, continuation: bool = False,
+                shared: list | None = None):
         """Blocks `blocks` in order, each row of the batch at a configuration of its own (the rollout
         engine's batches of many configurations): row r runs block blocks[j] where keep[r, j], its
         hidden states passing unchanged where not, with top_k[r, j] experts (-1: the block's default).
         A block no row keeps is not called. Rows at one top_k form one call of the MoE layer.
-        Yields select(rows): from then on the batch is those rows (decoding drops the ended ones)."""
+        Yields select(rows): from then on the batch is those rows (decoding drops the ended ones).
+        shared (`shared_rows`, per block): rows whose states are equal run the block once, on one of
+        them (a prefill only: block j's cache then holds those representatives' keys and values)."""
         saved = self._save()
+        shared = shared or [None] * len(blocks)
         try:
             self._configure(blocks, None, 0, continuation)
-            gated = [_RowBlock(self.blocks[b], keep[:, j], top_k[:, j], self.moe_layers[b]) for j, b in enumerate(blocks)]
+            gated = [_RowBlock(self.blocks[b], keep[:, j], top_k[:, j], self.moe_layers[b], shared[j])
+                     for j, b in enumerate(blocks)]
             self.decoder.layers = nn.ModuleList(gated)
             yield lambda rows: [g.select(rows) for g in gated]
         finally:
@@ -239,9 +244,9 @@ class _RowBlock(nn.Module):
     where not. Inside it, each row's tokens go to their own top_k: by padded routing (`_padded`,
     the experts once) where the router allows it, else the MoE layer once per top_k (`_partitioned`)."""
 
-    def __init__(self, block: nn.Module, keep: torch.Tensor, top_k: torch.Tensor, moe_layers):
+    def __init__(self, block: nn.Module, keep: torch.Tensor, top_k: torch.Tensor, moe_layers, shared=None):
         super().__init__()
-        self.block, self.moe_layers = block, moe_layers
+        self.block, self.moe_layers, self.shared = block, moe_layers, shared
         self._rows(keep, top_k)
 
     def _rows(self, keep: torch.Tensor, top_k: torch.Tensor) -> None:
@@ -263,6 +268,8 @@ class _RowBlock(nn.Module):
         hidden = args[0] if args else kwargs["hidden_states"]
         if not self.any:
             return hidden
+        if self.shared is not None:
+            return self._shared(hidden, args, kwargs)
         patched = []
         for module, routers in self.moe_layers:
             if all(_fusable(module, r) for r in routers):  # the experts once, every row's routing padded
@@ -283,6 +290,23 @@ class _RowBlock(nn.Module):
             return out
         h = out[0] if isinstance(out, tuple) else out
         h = torch.where(self.keep[:, None, None], h, hidden)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    def _shared(self, hidden, args, kwargs):
+        """The block on one representative of each set of rows whose states are equal, its output
+        copied to the others (rows that skip the block keep their input)."""
+        reps, of = self.shared
+        rows, keep, top_k = hidden.shape[0], self.keep, self.top_k
+        self.shared = None
+        self._rows(keep[reps], top_k[reps])
+        try:
+            out = self.forward(*(_pick(v, reps, rows, 2) for v in args),
+                               **{n: _pick(v, reps, rows, 2) for n, v in kwargs.items()})
+        finally:
+            self._rows(keep, top_k)
+            self.shared = (reps, of)
+        h = out[0] if isinstance(out, tuple) else out
+        h = torch.where(keep[:, None, None], h[of], hidden)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     def _padded(self, forward, router, rows: int, tokens: int):
@@ -349,6 +373,33 @@ class _RowBlock(nn.Module):
         return run
 
 
-def _pick(value, idx: torch.Tensor, rows: int):
-    """`value`'s rows `idx` if it is a per-row tensor (first dimension `rows`), else `value`."""
-    return value[idx] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows else value
+def _pick(value, idx: torch.Tensor, rows: int, min_dim: int = 1):
+    """`value`'s rows `idx` if it is a per-row tensor (first dimension `rows`, at least `min_dim`
+    dimensions), tuples of them (position embeddings) alike, else `value`."""
+    if isinstance(value, tuple):
+        return tuple(_pick(v, idx, rows, min_dim) for v in value)
+    return value[idx] if isinstance(value, torch.Tensor) and value.dim() >= min_dim and value.shape[0] == rows else value
+
+
+def shared_rows(keep: torch.Tensor, top_k: torch.Tensor, start: torch.Tensor) -> list:
+    """Per block of a per-row prefill: (representative rows, each row's representative's position
+    among them) where rows that keep the block have equal states and top_k (their states equal
+    because they started equal, `start` (rows,) labelling equal starts, and ran the same blocks at
+    the same top_k since), else None. A profile's configurations of one sample that differ only in
+    the blocks they skip share every block up to the first one they differ in."""
+    state, out = start, []
+    for j in range(keep.shape[1]):
+        k = keep[:, j]
+        key = torch.stack([state, k.long(), torch.where(k, top_k[:, j], torch.full_like(top_k[:, j], -2))], 1)
+        state = torch.unique(key, dim=0, return_inverse=True)[1]
+        keepers = k.nonzero()[:, 0]
+        kinds, which = torch.unique(state[keepers], return_inverse=True)
+        if len(kinds) == len(keepers):  # nothing to share at this block
+            out.append(None)
+            continue
+        reps = torch.full((len(kinds),), keep.shape[0], dtype=torch.long, device=keep.device)
+        reps = reps.scatter_reduce(0, which, keepers, reduce="amin")
+        of = torch.zeros(keep.shape[0], dtype=torch.long, device=keep.device)
+        of[keepers] = which
+        out.append((reps, of))
+    return out

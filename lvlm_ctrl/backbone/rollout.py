@@ -13,8 +13,12 @@ block, so that the prefix's length moves neither its mask nor its positions: it 
 the whole prefill would); then one cache for all of them (per row, the prefix's layers before its p
 and the continuation's after) and one greedy decode, batched as `generate`'s is, a row leaving the
 batch at its end of turn. (Where what the decoder takes beside hidden states changes with p, as
-Qwen3-VL's deepstack features before block 3 do, each such p continues alone.) A configuration's rows thus never wait for enough samples at that same
-configuration: GRPO's groups, a few samples per configuration, batch as well as a profile does.
+Qwen3-VL's deepstack features before block 3 do, each such p continues alone.) Rows of one sample
+and p at one top_k hold equal states until their kept lists part, and a continuation runs each block
+once per set of equal rows (`shared_rows`): a profile's configurations that differ only in the
+blocks they skip share the blocks before the first difference. A configuration's rows thus never
+wait for enough samples at that same configuration: GRPO's groups, a few samples per
+configuration, batch as well as a profile does.
 
 A family whose decoder needs more than hidden states, mask and positions to continue says so
 (`Family.continuation_kwargs`: Qwen3-VL's deepstack features); one that cannot continue has each
@@ -32,6 +36,7 @@ import torch
 from transformers import DynamicCache
 
 from lvlm_ctrl.backbone import Backbone, Generation
+from lvlm_ctrl.backbone.hooks import shared_rows
 from lvlm_ctrl.knobs import Knobs
 
 
@@ -162,8 +167,11 @@ class RolloutEngine:
             for q in p.unique().tolist():
                 if q != s:
                     hidden[p == q] = prefix.entering[q][rows[p == q]]
+            # rows of one sample and p start alike; those that also share top_k share blocks until
+            # their kept lists part (a profile's case: every configuration of every sample)
+            shared = shared_rows(keep, top_k, torch.unique(torch.stack([rows, p], 1), dim=0, return_inverse=True)[1])
             own = DynamicCache()
-            with hooks.per_row(blocks, keep, top_k, continuation=True):
+            with hooks.per_row(blocks, keep, top_k, continuation=True, shared=shared):
                 normed = hooks.decoder(inputs_embeds=hidden, attention_mask=prompt.attention_mask[rows],
                                        position_ids=prompt.position_ids[..., rows, :], cache=own, use_cache=True,
                                        **bb.family.continuation_kwargs(prefix.decoder_kwargs, s, rows)).last_hidden_state
@@ -174,6 +182,8 @@ class RolloutEngine:
                     keys, values = before.keys[rows], before.values[rows]
                 else:
                     keys, values = self._layer(own, b - s, prefix.cache.layers[0], len(group))
+                    if shared[b - s] is not None:  # the block ran on representatives: each row its own's
+                        keys, values = keys[shared[b - s][1]], values[shared[b - s][1]]
                     if before is not None and bool((p > b).any()):  # blocks before a row's own p: the prefix's
                         mine = (p > b)[:, None, None, None]
                         keys, values = torch.where(mine, before.keys[rows], keys), torch.where(mine, before.values[rows], values)
