@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
 from lvlm_ctrl.backbone import backbone_dir, set_experts_implementation
 from lvlm_ctrl.backbone.build_tiny import BUILDERS
@@ -98,12 +97,12 @@ class SizeBuckets(torch.utils.data.Sampler):
 
 
 def image_areas(samples) -> list[int]:
-    """Each sample's image area in pixels (read from the file's header; one read per image)."""
+    """Each sample's image area in pixels (VQASample.image_size, once per image)."""
     seen: dict[str, int] = {}
     for s in samples:
         if s.image_path not in seen:
-            with Image.open(s.image_path) as im:
-                seen[s.image_path] = im.size[0] * im.size[1]
+            width, height = s.image_size()
+            seen[s.image_path] = width * height
     return [seen[s.image_path] for s in samples]
 
 

@@ -108,7 +108,7 @@ def test_a_resumed_environment_keeps_its_rollouts_and_refits(backbone, easy_samp
     samples, configs = easy_samples[:4], backbone.space.configurations()
     env = OnlineEnv(backbone, samples, model, df, measure_fraction=1.0, refit_every=2, seed=0)
     picks, rows = [configs[3], configs[100], configs[200]], torch.tensor([1, 2, 3])
-    acc, lat = env.outcome(rows, decision(backbone.space, picks))
+    acc, _ = env.outcome(rows, decision(backbone.space, picks))
     assert env.history and env.stats["rollouts_run"] == 3
     torch.save({"env": env.state_dict()}, tmp_path / "env.ckpt")
     state = torch.load(tmp_path / "env.ckpt", weights_only=True)["env"]

@@ -176,7 +176,7 @@ def test_tier_weights_pick_how_often_a_batch_runs_each_tier(tmp_path):
 
     generate(tmp_path / "val", "val", 0, images=1)
     samples = build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[:2]
-    model, processor = qwen3_vl_moe(words=vocabulary(), seed=1)
+    _, processor = qwen3_vl_moe(words=vocabulary(), seed=1)
     tiers = {"low": {}, "medium": {}, "high": {}}
     rnd.seed(0)
     only_low = Collate(processor, "{question}<|vision_start|><|image_pad|><|vision_end|>", tiers,

@@ -141,8 +141,9 @@ class GRPOModule(L.LightningModule):
         # resuming: setup() has bound the environment already; serving loads without one
         if checkpoint.get("env") is not None and hasattr(self.env, "load_state_dict"):
             self.env.load_state_dict(checkpoint["env"])
-            checkpoint["serving"] = self.serving_stats()
-        self.serving = checkpoint.get("serving", {})
+            self.serving = self.serving_stats()
+        else:
+            self.serving = checkpoint.get("serving", {})
 
     def on_fit_start(self):
         if self.backbone is not None:
