@@ -62,7 +62,8 @@ def test_new_pairs_run_once_scored_as_generate_scores_them(backbone, easy_sample
         assert a == vqa_score(gen.answers[0], list(samples[r].answers))
     # an unmeasured sample's latency: its own tokens' prediction plus its donor's residual, per stage
     r, k = 5, picks[2]
-    c, d = configs.index(k), int(env.donor[r])
+    c = configs.index(k)
+    d = int(env._residual_donors()[r, c])
     mine = model.predict(k.tier, k.insertion, k.top_k, k.num_blocks, *env.token_counts[r, space.tiers.index(k.tier)].tolist(),
                          float(env.output_tokens[r, c]))
     donor = df[(df["sample_id"] == env.sample_ids[d]) & (df["tier"] == k.tier) & (df["insertion"] == k.insertion)
@@ -70,7 +71,7 @@ def test_new_pairs_run_once_scored_as_generate_scores_them(backbone, easy_sample
     theirs = model.predict_record(donor.to_dict())
     expected = sum(max(0.0, mine[s] + donor[s] - theirs[s]) for s in STAGES)
     assert lat[2].item() == pytest.approx(expected, rel=1e-4)
-    assert d < MEASURED  # donors are samples timed at every configuration
+    assert d < MEASURED  # nothing timed since: the donors are the window's
     # drawn again: read, not run
     env.outcome(rows, decision(space, picks))
     assert env.stats["rollouts_run"] == 4 and env.metrics()["online/read_fraction"] == pytest.approx(6 / 10)
@@ -98,6 +99,12 @@ def test_timed_rollouts_refit_the_latency_model(backbone, easy_samples, measured
     for (r, k), t in zip(zip((2, 3, 4, 6), picks), timed["T_total_ms"]):  # a timed rollout's latency: its own
         assert env.measured_ms[r, configs.index(k)].sum().item() == pytest.approx(t, rel=1e-5)
         assert env.latency[(r, *(i[configs.index(k)] for i in env.cell))].item() == pytest.approx(t, rel=1e-5)
+    # the tails follow every timing: an untimed pair borrows its residual from its configuration's timed
+    # requests, the window's and those timed since
+    donors, timed = env._residual_donors(), ~torch.isnan(env.measured_ms[..., 0])
+    assert timed[donors, torch.arange(len(configs))].all()
+    c = configs.index(picks[0])
+    assert set(donors[:, c].tolist()) == {0, 2}  # the window's sample 0 and the rollout timed on sample 2
 
 
 def test_a_resumed_environment_keeps_its_rollouts_and_refits(backbone, easy_samples, measured, tmp_path):

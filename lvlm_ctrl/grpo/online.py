@@ -8,13 +8,16 @@ and a second draw reads it. Pairs a given profile holds are read from it, never 
 
 Latency is the latency model's, per request: the sample's own vision and text token counts (from
 preprocessing, known before any rollout) and its output tokens (the configuration's mean until the
-pair has run, then its own), plus the residual of a measured sample (drawn once per sample, seeded,
-as profile_bootstrap does), so the tails of this machine stay in the statistics the SLO reward and
-the guard read. A fraction `measure_fraction` of the new pairs is also timed at batch 1 (as serving
+pair has run, then its own), plus a residual drawn (seeded, once per pair) from the requests timed at
+that configuration, so the tails of this machine stay in the statistics the SLO reward and the
+guard read. A fraction `measure_fraction` of the new pairs is also timed at batch 1 (as serving
 times a request); every `refit_every` new measurements, the machine's speed since the first profile
-is divided out of them (`online/speed`), they become those pairs' latencies and the latency model
-is refitted on every timed record; its error on them, predicted before they were seen, is reported
-(`online/latency_mape`). Everything else is the profile environment's.
+is divided out of them (`online/speed`), they become those pairs' latencies and residual donors of
+their configuration, and the latency model is refitted on every timed record; its error on them,
+predicted before they were seen, is reported (`online/latency_mape`). The residual pool is every
+timing so far, not the first window's alone: a few minutes of timing can catch a noisy spell (one
+run's window put the high tier's p95 20% above another's, medians alike), and a controller trained
+on it stays too careful all run. Everything else is the profile environment's.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def check_options(**options) -> None:
 
 class OnlineEnv(ProfileEnv):
     def __init__(self, backbone, samples: list, latency_model: LatencyModel, measured: pd.DataFrame,
-                 known: pd.DataFrame | None = None, *, measure_fraction: float = 0.02, refit_every: int = 200,
+                 known: pd.DataFrame | None = None, *, measure_fraction: float = 0.05, refit_every: int = 200,
                  rollout_batch_size: int = 64, seed: int = 0):
         """samples: the split's; measured: a profile of some of them at every configuration, timed at
         batch 1 (the latency model's first fit and the residuals' donors); known: records of any
@@ -99,15 +102,23 @@ class OnlineEnv(ProfileEnv):
 
     # ---- latency ---------------------------------------------------------------------------
     def _donors(self) -> None:
-        """Each sample's residual donor: itself where its every configuration was measured, else a
-        measured sample drawn at random (seeded), as profile_bootstrap draws them."""
-        complete = ~torch.isnan(self.measured_ms[..., 0]).any(1)
-        pool = torch.where(complete)[0]
-        if len(pool) == 0:
-            raise UserError("the online environment needs at least one sample timed at every configuration "
-                            "(profile.measured > 0)")
-        drawn = pool[torch.as_tensor(self.rng.integers(0, len(pool), len(self.samples)))]
-        self.donor = torch.where(complete, torch.arange(len(self.samples)), drawn)
+        """A seeded uniform per (sample, configuration): the rank of the timed request whose residual
+        an untimed pair borrows from its configuration's pool (so a pair keeps its draw while the pool
+        only grows, and its own timing replaces it)."""
+        timed = ~torch.isnan(self.measured_ms[..., 0])
+        if not timed.any(0).all():
+            raise UserError("the online environment needs every configuration timed at least once: give "
+                            "profile.measured > 0 (questions timed at every configuration up front)")
+        self.draw = torch.from_numpy(self.rng.random(timed.shape))
+
+    def _residual_donors(self) -> torch.Tensor:
+        """(S, C): the sample whose timing at each configuration lends an untimed pair its residual."""
+        timed = ~torch.isnan(self.measured_ms[..., 0])
+        config, sample = torch.nonzero(timed.T, as_tuple=True)  # grouped by configuration
+        counts = torch.bincount(config, minlength=timed.shape[1])
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.minimum((self.draw * counts).long(), counts - 1)
+        return sample[first + rank]
 
     def _predict(self, rows: torch.Tensor, out_tokens: torch.Tensor) -> torch.Tensor:
         """(R, C, stages): the latency model's stage times for samples `rows` with output tokens (R, C)."""
@@ -118,10 +129,10 @@ class OnlineEnv(ProfileEnv):
         return torch.einsum("rcf,cgf->rcg", x, coefs).clamp(min=0.0).float()
 
     def _latency_table(self) -> torch.Tensor:
-        """(S, tiers, P, K, N) total latency: own prediction + the donor's residual, measured where timed."""
+        """(S, tiers, P, K, N) total latency: own prediction + a timed residual, measured where timed."""
         predicted = self._predict(torch.arange(len(self.samples)), self.output_tokens)
         residual = self.measured_ms - predicted  # NaN where not timed
-        stages = (predicted + residual[self.donor]).clamp(min=0.0)
+        stages = (predicted + residual[self._residual_donors(), torch.arange(len(self.configs))]).clamp(min=0.0)
         total = torch.where(torch.isnan(self.measured_ms[..., 0]), stages.sum(-1), self.measured_ms.sum(-1))
         table = torch.full(table_shape(self.backbone.space, len(self.samples)), float("nan"))
         table[(slice(None), *self.cell)] = total
