@@ -22,7 +22,7 @@ install: .venv/.installed
 # About 30 min on 2 cores from a fresh clone, install included; a second run reuses the profile.
 STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 RUN ?= outputs/run/$(STAMP)
-VAL ?= 100
+VAL ?= 80
 ANSWERS ?= 500
 TEST ?= 1000
 TRAIN_ARGS ?=
