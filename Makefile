@@ -19,7 +19,7 @@ install: .venv/.installed
 #     configuration, the latency model, ANSWERS questions answered in batches, their latencies
 #     bootstrapped), then trains the GRPO controller (W&B offline run under $(RUN)/train/wandb);
 #  2. evaluate its best.ckpt on TEST test questions at 10 budgets (measured latency, calibrated).
-# About 30 min on 2 cores from a fresh clone, install included; a second run reuses the profile.
+# About 25 min on 2 cores from a fresh clone, install included; a second run reuses the profile.
 STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 RUN ?= outputs/run/$(STAMP)
 VAL ?= 80

@@ -186,7 +186,7 @@ def test_online_training_on_tiny_qwen3_vl_moe(tmp_path, tiny_checkpoints):
     proc = run_cli("lvlm_ctrl.train", "controller=grpo", "budget=uniform", "controller.env=online", "model=qwen3_vl_moe",
                    f"model.path={tiny_checkpoints('qwen3_vl_moe')}", "data.limit=6", "profile.measured=1",
                    f"profile.path={tmp_path / 'prof'}", "profile.batch_size=2", "profile.val_fraction=0.5",
-                   "controller.group_size=4", "trainer.max_steps=3", "trainer.val_check_interval=3", "logger=csv",
+                   "controller.group_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=csv",
                    f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
