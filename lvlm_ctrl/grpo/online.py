@@ -102,9 +102,9 @@ class OnlineEnv(ProfileEnv):
 
     # ---- latency ---------------------------------------------------------------------------
     def _donors(self) -> None:
-        """A seeded uniform per (sample, configuration): the rank of the timed request whose residual
-        an untimed pair borrows from its configuration's pool (so a pair keeps its draw while the pool
-        only grows, and its own timing replaces it)."""
+        """A seeded uniform per (sample, configuration), fixed for the run: where in its
+        configuration's pool of timed requests an untimed pair takes its residual from (the donor
+        moves only when that pool grows; the pair's own timing, once made, replaces it)."""
         timed = ~torch.isnan(self.measured_ms[..., 0])
         if not timed.any(0).all():
             raise UserError("the online environment needs every configuration timed at least once: give "
