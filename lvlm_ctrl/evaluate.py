@@ -95,35 +95,35 @@ def serving_grid(budgets: list[float], floor_ms: float | None) -> list[float]:
     return [float(b * floor_ms / budgets[0]) for b in budgets]
 
 
-def run_requests(backbone, controller, samples, budgets: list, probe=None) -> dict:
-    """Serve every sample at every budget, one request at a time; per-budget request records.
+def run_requests(backbone, controllers: dict, samples, budgets: list, probe=None) -> tuple[dict, list]:
+    """Serve every sample at every budget with every controller ({name: controller}), one request at
+    a time: (records[name][budget], the probe's timings).
 
-    Budgets are interleaved per sample, so a slow spell of the machine hits every budget alike
-    instead of inflating the violation rate of whichever budget ran during it, and their order
-    rotates from one sample to the next: a sample's first request is the slowest (a new image and
-    question, after the previous sample's last request), which no single budget should always pay.
-    `probe(sample, image) -> ms`, if given, runs once per sample in a rotating turn among its
-    budgets; its timings are the records under the key "probe".
+    Turns are interleaved per sample, so a slow spell of the machine hits every budget and every
+    controller alike instead of inflating the violation rate of whichever ran during it, and their
+    order rotates from one sample to the next: a sample's first request is the slowest (a new image
+    and question, after the previous sample's last request), which no single turn should always pay.
+    `probe(sample, image) -> ms`, if given, runs once per sample in a rotating turn of its own.
     """
-    turns = budgets + (["probe"] if probe is not None else [])
-    records = {b: [] for b in turns}
-    with tqdm(total=len(samples) * len(turns), desc=f"evaluate {controller.name}", unit="req",
-              dynamic_ncols=True) as bar:
+    turns = [(name, b) for name in controllers for b in budgets] + ([("probe", None)] if probe is not None else [])
+    records, probes = {name: {b: [] for b in budgets} for name in controllers}, []
+    names = "+".join(c.name for c in controllers.values())
+    with tqdm(total=len(samples) * len(turns), desc=f"evaluate {names}", unit="req", dynamic_ncols=True) as bar:
         for i, s in enumerate(samples):
             image = s.load_image()
-            for b in turns[i % len(turns):] + turns[:i % len(turns)]:
-                if b == "probe":
-                    records[b].append(probe(s, image))
+            for name, b in turns[i % len(turns):] + turns[:i % len(turns)]:
+                if name == "probe":
+                    probes.append(probe(s, image))
                     continue
-                gen, knobs, overhead = serve(backbone, controller, s, image, b)
-                records[b].append({
+                gen, knobs, overhead = serve(backbone, controllers[name], s, image, b)
+                records[name][b].append({
                     "sample_id": s.sample_id, "prediction": gen.answers[0],
                     "accuracy": vqa_score(gen.answers[0], list(s.answers)), "knobs": knobs.as_dict(),
                     "overhead_ms": overhead, "T_vision_ms": gen.vision_ms, "T_prefill_ms": gen.prefill_ms,
                     "T_decode_ms": gen.decode_ms, "latency_ms": gen.total_ms + overhead,
                 })
             bar.update(len(turns))
-    return records
+    return records, probes
 
 
 def floor_probe(backbone, controller):
@@ -197,15 +197,15 @@ def main(cfg: DictConfig) -> float | None:
     floor = None
     if isinstance(controller, StaticController):
         # its choice ignores the budget: serve once, score against every budget
-        records = run_requests(backbone, controller, dataset.samples, [None])[None]
+        records = run_requests(backbone, {"static": controller}, dataset.samples, [None])[0]["static"][None]
         results = [summarize(records, b) for b in budgets]
     else:
         probe = floor_probe(backbone, controller) if cfg.eval.floor_probe and calibration is not None else None
-        records = run_requests(backbone, controller, dataset.samples, budgets, probe)
-        results = [summarize(records[b], b) for b in budgets]
+        records, probes = run_requests(backbone, {"main": controller}, dataset.samples, budgets, probe)
+        results = [summarize(records["main"][b], b) for b in budgets]
         if probe is not None:
             overhead = float(np.median([r["controller_overhead_ms"] for r in results]))
-            floor = keepable(results, records["probe"], overhead)
+            floor = keepable(results, probes, overhead)
     summary = {
         "controller": controller.name, "dataset": dataset.name, "split": dataset.split,
         "num_samples": len(dataset), "latency_source": cfg.latency.source, "backbone": backbone.name,

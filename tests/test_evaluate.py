@@ -98,16 +98,39 @@ def test_budget_order_rotates_per_sample(backbone, easy_samples):
 
     order = []
     budgets = [10.0, 20.0, 30.0]
-    records = run_requests(backbone, Recording().bind(backbone), easy_samples[:3], budgets)
+    records, _ = run_requests(backbone, {"a": Recording().bind(backbone)}, easy_samples[:3], budgets)
     assert order == [10.0, 20.0, 30.0, 20.0, 30.0, 10.0, 30.0, 10.0, 20.0]
-    assert all(len(records[b]) == 3 for b in budgets)
+    assert all(len(records["a"][b]) == 3 for b in budgets)
 
     # the floor probe takes its turn in the rotation too, once per sample
     order.clear()
-    records = run_requests(backbone, Recording().bind(backbone), easy_samples[:2], budgets,
-                           probe=lambda s, image: order.append("probe") or 5.0)
+    records, probes = run_requests(backbone, {"a": Recording().bind(backbone)}, easy_samples[:2], budgets,
+                                   probe=lambda s, image: order.append("probe") or 5.0)
     assert order == [10.0, 20.0, 30.0, "probe", 20.0, 30.0, "probe", 10.0]
-    assert records["probe"] == [5.0, 5.0]
+    assert probes == [5.0, 5.0]
+
+
+def test_controllers_take_turns_side_by_side(backbone, easy_samples):
+    """Two controllers evaluated together take turns request by request (a drifting machine slows
+    both alike), each sample at every budget, and each keeps its own records."""
+    from lvlm_ctrl.controllers.static import StaticController
+    from lvlm_ctrl.evaluate import run_requests
+
+    class Recording(StaticController):
+        def __init__(self, tag, **kw):
+            super().__init__(**kw)
+            self.tag = tag
+
+        def decide(self, sample, budget_ms):
+            order.append((self.tag, budget_ms))
+            return super().decide(sample, budget_ms)
+
+    order = []
+    controllers = {"a": Recording("a").bind(backbone), "b": Recording("b", tier="low").bind(backbone)}
+    records, _ = run_requests(backbone, controllers, easy_samples[:2], [10.0, 20.0])
+    assert order == [("a", 10.0), ("a", 20.0), ("b", 10.0), ("b", 20.0), ("a", 20.0), ("b", 10.0), ("b", 20.0), ("a", 10.0)]
+    assert {r["knobs"]["tier"] for b in (10.0, 20.0) for r in records["b"][b]} == {"low"}
+    assert {r["knobs"]["tier"] for b in (10.0, 20.0) for r in records["a"][b]} == {"high"}
 
 
 def test_floor_probe_marks_budgets_no_controller_could_keep(backbone, easy_samples):
