@@ -227,19 +227,6 @@ def _fusable(module: nn.Module, router: nn.Module) -> bool:
     return _FUSABLE[kind]
 
 
-def _dropping_experts(module: nn.Module) -> nn.Module | None:
-    """The experts under MoE layer `module` if their kernel drops picks of expert `num_experts`
-    without computing them: transformers' grouped_mm and batched_mm kernels do (expert parallelism's
-    sentinel, honoured while `_is_expert_parallel` is set; grouped_mm runs no GEMM on them); None
-    for other kernels (eager indexes a one-hot by expert) and experts outside that interface."""
-    for child in module.children():
-        kernel = getattr(getattr(child, "config", None), "_experts_implementation", None)
-        if hasattr(child, "_is_expert_parallel") and hasattr(child, "num_experts") \
-                and kernel in ("grouped_mm", "batched_mm"):
-            return child
-    return None
-
-
 def _moe_layers(block: nn.Module, routers: list[nn.Module]) -> list[tuple[nn.Module, list[nn.Module]]]:
     """(child of `block`, the routers under it) for each child with routers: the MoE layer as the
     block calls it, on (batch, tokens, hidden) (inside it, a family may flatten or split tokens)."""
@@ -283,21 +270,14 @@ class _RowBlock(nn.Module):
             return hidden
         if self.shared is not None:
             return self._shared(hidden, args, kwargs)
-        patched, flags = [], []
+        patched = []
         for module, routers in self.moe_layers:
             if all(_fusable(module, r) for r in routers):  # the experts once, every row's routing padded
-                experts = _dropping_experts(module)
-                none = experts.num_experts if experts is not None else None
-                if experts is not None:
-                    flags.append((experts, experts._is_expert_parallel))
-                patched += [(r, r.__dict__.get("forward"), self._padded(r.forward, r, *hidden.shape[:2], none))
-                            for r in routers]
+                patched += [(r, r.__dict__.get("forward"), self._padded(r.forward, r, *hidden.shape[:2])) for r in routers]
             else:  # the whole MoE layer once per top_k
                 patched.append((module, module.__dict__.get("forward"), self._partitioned(module.forward, routers)))
         for obj, _, forward in patched:
             obj.forward = forward
-        for experts, _ in flags:
-            experts._is_expert_parallel = True
         try:
             out = self.block(*args, **kwargs)
         finally:
@@ -306,8 +286,6 @@ class _RowBlock(nn.Module):
                     del obj.forward
                 else:
                     obj.forward = own
-            for experts, flag in flags:
-                experts._is_expert_parallel = flag
         if self.all:
             return out
         h = out[0] if isinstance(out, tuple) else out
@@ -331,13 +309,12 @@ class _RowBlock(nn.Module):
         h = torch.where(keep[:, None, None], h[of], hidden)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    def _padded(self, forward, router, rows: int, tokens: int, none: int | None = None):
+    def _padded(self, forward, router, rows: int, tokens: int):
         """A router over the tokens of all `rows` (row after row, as the MoE layer flattens them)
         that routes each row's tokens to its own top_k and pads them to the largest with zero-weight
-        picks: one call of the experts for every top_k, each token's output the sum of its own
-        top_k's (the zeros add nothing). A padded pick is expert `none` where the experts drop it
-        (`_dropping_experts`: no work for it), else the token's first expert. Rows that skip the
-        block route at the largest top_k, every pick padded (their output is dropped)."""
+        picks of their first expert: one call of the experts for every top_k, each token's output
+        the sum of its own top_k's (the zeros add nothing). Rows that skip the block route at the
+        largest top_k, all to their first expert at zero weight (their output is dropped)."""
         parts, default = self.parts, router.top_k
 
         def run(hidden_states):
@@ -359,10 +336,9 @@ class _RowBlock(nn.Module):
                 if logits is None:
                     n = rows * tokens
                     logits, weights = lg.new_zeros((n, lg.shape[-1])), w.new_zeros((n, width))
-                    index = ix.new_full((n, width), none or 0)
+                    index = ix.new_zeros((n, width))
                 logits[at], weights[at, :k], index[at, :k] = lg, w, ix
-                if none is None:
-                    index[at, k:] = ix[:, :1]
+                index[at, k:] = ix[:, :1]
             return logits, weights, index
         return run
 
