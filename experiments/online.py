@@ -100,12 +100,17 @@ def main() -> None:
     low, high = serving["feasible_ms"]
     budgets = [round(float(b), 3) for b in torch.linspace(low, high, 10)]
     done = out / "eval_side_by_side.json"
-    if not done.exists():
+    ckpts = {"profile": Path(a.profile_ckpt), "online": online_ckpt}
+    summary = json.loads(done.read_text()) if done.exists() else None
+    # a finished evaluation is reused only for the same checkpoints, budgets and test questions
+    if summary is None or (summary["checkpoints"], summary["budgets_ms"], summary["num_samples"]) != \
+            ({k: str(v) for k, v in ckpts.items()}, budgets, a.test):
         t0 = time.time()
-        summary = side_by_side({"profile": Path(a.profile_ckpt), "online": online_ckpt}, budgets, a.test)
+        summary = side_by_side(ckpts, budgets, a.test)
         summary["wall_s"] = round(time.time() - t0, 1)
         atomic_write_json(done, summary)
-    summary = json.loads(done.read_text())
+    else:
+        print(f"[eval_side_by_side] done already: {done}")
     log["eval_side_by_side"] = {"wall_s": summary["wall_s"], "floor": summary["profile"]["floor"]}
     results = {name: summary[name]["results"] for name in ("profile", "online")}
     aucs = {name: summary[name]["auc"] for name in ("profile", "online")}
