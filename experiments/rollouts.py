@@ -8,8 +8,8 @@ sample, and a profile's every configuration of a chunk of samples, on the embedd
   engine   the rollout engine (backbone/rollout.py): vision and blocks [0, p) shared, every
            configuration of a tier's batch in one continuation per p and one decode
 
-batched and engine run the grouped_mm experts kernel, as profile preparation and the online
-environment run them (backbone.experts_implementation); seed runs the serving kernel, batch 1.
+batched runs transformers' grouped_mm experts kernel, the engine its own (backbone/experts.py: the
+picks that carry weight alone); seed runs the serving kernel, batch 1.
 
 Each way runs `rounds` times in the order seed, batched, engine, engine, batched, seed, ... so that
 the machine's drift over minutes falls on all alike; the rate is total rollouts / total seconds.
@@ -56,8 +56,7 @@ def batched(bb, images, questions, configs, batch_size=64):
 
 
 def engine(bb, images, questions, configs):
-    with experts_implementation(bb.model, "grouped_mm"):
-        out = RolloutEngine(bb).run(images, questions, configs)
+    out = RolloutEngine(bb).run(images, questions, configs)
     return {key: gen.token_ids[row] for key, (gen, row) in out.items()}
 
 
@@ -108,7 +107,7 @@ def main() -> None:
         "command": " ".join(["python experiments/rollouts.py", *sys.argv[1:]]),
         "backbone": "tiny_moe (embedded default), tiers low 8 / medium 32 / high 64 px",
         "settings": {"batched": "64 requests per generate call, grouped_mm", "seed": "batch 1, serving kernel",
-                     "engine": "RolloutEngine defaults (64 samples per prefill, 1024 pairs per decode), grouped_mm"},
+                     "engine": "RolloutEngine defaults (64 samples per prefill, 1024 pairs per decode), picked_mm"},
         "grpo_groups": {"rollouts": g_n, "rollouts_per_s": g_rate, "same_answers": g_same,
                         "engine_vs_seed": round(g_rate["engine"] / g_rate["seed"], 2),
                         "engine_vs_batched": round(g_rate["engine"] / g_rate["batched"], 2)},

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from lvlm_ctrl.backbone import experts_implementation
 from lvlm_ctrl.backbone.rollout import Blocks, RolloutEngine
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.io import atomic_write_json, command, machine
@@ -68,9 +67,7 @@ def accuracy_drop(backbone, samples, batch_size: int) -> list[float]:
     variants = {i: Blocks(full, tuple(j for j in range(n) if j != i)) for i in range(n) if i not in fixed}
     whole = Blocks(full, tuple(range(n)))
     images, questions = [s.load_image() for s in samples], [s.question for s in samples]
-    with experts_implementation(backbone.model, "grouped_mm"):
-        out = RolloutEngine(backbone, batch_size=batch_size).run(
-            images, questions, [[whole, *variants.values()]] * len(samples))
+    out = RolloutEngine(backbone, batch_size=batch_size).run(images, questions, [[whole, *variants.values()]] * len(samples))
 
     def accuracy(key) -> float:
         answers = [gen.answers[row] for gen, row in (out[(i, key)] for i in range(len(samples)))]

@@ -110,3 +110,39 @@ def test_rows_that_start_alike_share_blocks_until_their_kept_lists_part():
         assert reps.tolist() == [0, 2, 3] and of[1] == of[0]
     assert shared[2] is None  # row 1 skips it: every keeper differs
     assert shared[3] is None  # rows 0 and 1 have parted
+
+
+def test_engine_kernel_runs_only_the_picks_that_carry_weight(backbone, easy_samples):
+    """backbone/experts.py against transformers' grouped_mm: the same outputs where padding picks carry
+    zero weight, and those picks never reach an expert (one whose weights are NaN stays out of the
+    sum); the engine runs it and leaves the serving kernel in place."""
+    import copy
+
+    import torch
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    from lvlm_ctrl.backbone.experts import NAME, picked_mm_experts_forward
+
+    clean = next(m for m in backbone.model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "num_experts"))
+    gen = torch.Generator().manual_seed(0)
+    tokens, width = 7, 8
+    hidden = torch.randn(tokens, clean.gate_up_proj.shape[-1 if not clean.is_transposed else -2], generator=gen)
+    index = torch.randint(1, clean.num_experts, (tokens, width), generator=gen)
+    weights = torch.rand(tokens, width, generator=gen)
+    index[:, 5:], weights[:, 5:] = 0, 0.0  # top_k 5 padded to 8 with expert 0
+    index[3], weights[3] = 0, 0.0  # a row that skips the block
+    poisoned = copy.deepcopy(clean)
+    with torch.no_grad():
+        poisoned.gate_up_proj[0] = float("nan")
+    want = grouped_mm_experts_forward(clean, hidden, index, weights)
+    got = picked_mm_experts_forward(poisoned, hidden, index, weights)
+    assert torch.allclose(got, want, atol=1e-6) and not got[3].any()
+
+    seen = []
+    spy = clean.register_forward_pre_hook(lambda m, a: seen.append(m.config._experts_implementation))
+    try:
+        RolloutEngine(backbone).run([easy_samples[0].load_image()], [easy_samples[0].question], [[backbone.space.full()]])
+    finally:
+        spy.remove()
+    assert seen and set(seen) == {NAME}
+    assert backbone.model.config.get_text_config()._experts_implementation != NAME

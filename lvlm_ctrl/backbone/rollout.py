@@ -24,7 +24,8 @@ A family whose decoder needs more than hidden states, mask and positions to cont
 (`Family.continuation_kwargs`: Qwen3-VL's deepstack features); one that cannot continue has each
 configuration run whole, batched over its samples (`generate`). Timing stays with `generate` at
 batch 1: rollouts give answers and token counts; latency comes from the latency model or a
-measurement.
+measurement. The experts run the engine's own kernel (backbone/experts.py), which skips the
+zero-weight picks that pad each row's routing to the widest top_k.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from lvlm_ctrl.backbone import Backbone, Generation
+from lvlm_ctrl.backbone import Backbone, Generation, experts_implementation
+from lvlm_ctrl.backbone.experts import NAME as EXPERTS_KERNEL
 from lvlm_ctrl.backbone.hooks import shared_rows
 from lvlm_ctrl.knobs import Knobs
 
@@ -98,8 +100,11 @@ class RolloutEngine:
         """Sample i at each configuration of configs[i] (Knobs, or Blocks; repeats run once) ->
         {(i, configuration): (the Generation of the batch that ran it, its row there)}; answers and
         token counts only."""
+        with experts_implementation(self.backbone.model, EXPERTS_KERNEL):  # backbone/experts.py
+            return self._run(images, questions, configs, max_new_tokens or self.backbone.max_new_tokens)
+
+    def _run(self, images, questions, configs, max_new: int):
         bb = self.backbone
-        max_new = max_new_tokens or bb.max_new_tokens
         wanted: dict[str, dict[int, set[Knobs]]] = defaultdict(lambda: defaultdict(set))
         for i, ks in enumerate(configs):
             for k in ks:

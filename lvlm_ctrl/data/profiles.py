@@ -120,7 +120,6 @@ class ProfileDataModule(L.LightningDataModule):
         return measured_dir, model_path
 
     def _prepare(self, work: Path, out: Path) -> None:
-        from lvlm_ctrl.backbone import experts_implementation
         from lvlm_ctrl.latency_model import LatencyModel
         from lvlm_ctrl.profile import profile_split
         from lvlm_ctrl.profile_bootstrap import bootstrap
@@ -130,9 +129,8 @@ class ProfileDataModule(L.LightningDataModule):
               f"timed at batch 1, the rest answered in batches); each step is kept under {work}", flush=True)
         measured_dir, model_path = self._prepare_latency(work, n, 4)
         answers_dir = work / f"answers-{n}"
-        with experts_implementation(self.backbone.model, "grouped_mm"):
-            profile_split(self.backbone, ds, answers_dir, "predicted", LatencyModel.load(model_path),
-                          batch_size=self.answer_batch_size, warmup=0, desc=f"3/4 answers, {n} questions")
+        profile_split(self.backbone, ds, answers_dir, "predicted", LatencyModel.load(model_path),
+                      batch_size=self.answer_batch_size, warmup=0, desc=f"3/4 answers, {n} questions")
         df = bootstrap(read_profile(answers_dir), read_profile(measured_dir), self.seed)
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(df, schema=SCHEMA, preserve_index=False), sink)

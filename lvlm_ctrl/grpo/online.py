@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lvlm_ctrl.backbone import experts_implementation
 from lvlm_ctrl.backbone.rollout import RolloutEngine
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.env import ProfileEnv, check_space, table_index, table_shape
@@ -175,16 +174,14 @@ class OnlineEnv(ProfileEnv):
         return super().outcome(sample_idx, d)
 
     def _run(self, pairs: list[tuple[int, int]]) -> None:
-        bb = self.backbone
         rows = sorted({s for s, _ in pairs})
         wanted = {s: [] for s in rows}
         for s, c in pairs:
             wanted[s].append(self.configs[c])
         images = {s: self.samples[s].load_image() for s in rows}
         t0 = time.perf_counter()
-        with experts_implementation(bb.model, "grouped_mm"):
-            out = self.engine.run([images[s] for s in rows], [self.samples[s].question for s in rows],
-                                  [wanted[s] for s in rows])
+        out = self.engine.run([images[s] for s in rows], [self.samples[s].question for s in rows],
+                              [wanted[s] for s in rows])
         self.stats["rollout_s"] += time.perf_counter() - t0
         self.stats["rollouts_run"] += len(pairs)
         position = {s: i for i, s in enumerate(rows)}
