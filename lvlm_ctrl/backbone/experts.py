@@ -4,8 +4,8 @@ carry weight.
 The engine batches rows of different configurations through one call of a MoE layer
 (`KnobHooks.per_row`): each token routes to its own row's top_k, padded to the widest with
 zero-weight picks, and rows that skip the block or have not reached their insertion point route
-nothing but such picks. transformers' `grouped_mm` runs every pick, and on the embedded default a
-third of them are padding. This kernel drops the zero-weight picks first (their term in each
+nothing but such picks. transformers' `grouped_mm` runs every pick, and on the embedded default
+27-33% of them are padding. This kernel drops the zero-weight picks first (their term in each
 token's sum is zero: the same answers) and adds each pick's output into its token with `index_add_`
 instead of gathering them back into pick order and summing (on CPU the gather cost as much as the
 padding, README). `index_add_` adds in index order on CPU; elsewhere (CUDA's is atomic, so not
