@@ -107,6 +107,32 @@ def test_timed_rollouts_refit_the_latency_model(backbone, easy_samples, measured
     assert set(donors[:, c].tolist()) == {0, 2}  # the window's sample 0 and the rollout timed on sample 2
 
 
+def test_the_machine_slowing_within_a_window_is_divided_out_where_it_happened(backbone, easy_samples, measured):
+    """Half a window's timings at the machine's speed, half at 1.6x: each is divided by its neighbours'
+    speed, so both halves fold in at the first profile's speed; one speed for the window (its median)
+    would put the first half at ~0.8x and the second at ~1.3x, a spread the machine never had at any
+    moment, and the tails every controller decision reads would carry it."""
+    df, model = measured
+    env = OnlineEnv(backbone, easy_samples[:8], model, df, measure_fraction=0.0, refit_every=1000, speed_window=9, seed=0)
+    rows = df.sample(60, random_state=0).reset_index(drop=True)
+    ids = {sid: i for i, sid in enumerate(env.sample_ids)}
+    configs = backbone.space.configurations()
+    predicted = model.predict_frame(rows)
+    for i, r in rows.iterrows():
+        slow = 1.0 if i < 30 else 1.6
+        rec = r.to_dict()
+        rec.update({s: predicted_stage * slow for s, predicted_stage in
+                    zip(STAGES, (model.predict_record(rec)[s] for s in STAGES))})
+        rec["T_total_ms"] = predicted[i] * slow
+        env.new_measurements.append({**rec, "row": ids[rec["sample_id"]], "config": next(
+            c for c, k in enumerate(configs) if k.as_dict() == {n: rec[n] for n in k.as_dict()})})
+    env._refit()
+    folded = env.measured.tail(60)
+    ratio = folded["T_total_ms"].to_numpy() / predicted
+    assert env.history[-1]["speed"] == pytest.approx(1.3)  # the window's median, reported
+    assert np.abs(ratio - 1.0).max() < 1e-6  # the step lands between two timings: 5 of 9 neighbours agree
+
+
 def test_a_resumed_environment_keeps_its_rollouts_and_refits(backbone, easy_samples, measured, tmp_path):
     """state_dict -> a checkpoint (loaded with weights_only) -> a fresh environment: the pairs run
     before are read, not run again, with the same scores and latencies, and the refitted latency

@@ -12,9 +12,14 @@ pair has run, then its own), plus a residual drawn (seeded, once per pair) from 
 that configuration, so the tails of this machine stay in the statistics the SLO reward and the
 guard read. A fraction `measure_fraction` of the new pairs is also timed at batch 1 (as serving
 times a request); every `refit_every` new measurements, the machine's speed since the first profile
-is divided out of them (`online/speed`), they become those pairs' latencies and residual donors of
-their configuration, and the latency model is refitted on every timed record; its error on them,
-predicted before they were seen, is reported (`online/latency_mape`). The residual pool is every
+is divided out of them, they become those pairs' latencies and residual donors of their
+configuration, and the latency model is refitted on every timed record; its error on them,
+predicted before they were seen, is reported (`online/latency_mape`, with the window's speed,
+`online/speed`, taken out). The speed divided out of a timing is the local one, the median over its
+`speed_window` neighbours in time, not the window's: a window lasts most of a minute, the machine's
+speed moves within it, and serving's calibration follows drift within seconds; divided by the
+window's median, run 10's timings put p95 at 1.47x the median, divided by 25 neighbours' at 1.34x
+(the first profile's own timings, out of sample: 1.27x). The residual pool is every
 timing so far, not the first window's alone: a few minutes of timing can catch a noisy spell (one
 run's window put the high tier's p95 20% above another's, medians alike), and a controller trained
 on it stays too careful all run. Everything else is the profile environment's.
@@ -35,7 +40,7 @@ from lvlm_ctrl.grpo.policy import Decision
 from lvlm_ctrl.latency_model import STAGES, LatencyModel, mape
 from lvlm_ctrl.metrics import vqa_score
 
-OPTIONS = ("measure_fraction", "refit_every", "rollout_batch_size")
+OPTIONS = ("measure_fraction", "refit_every", "rollout_batch_size", "speed_window")
 
 
 def check_options(**options) -> None:
@@ -46,7 +51,7 @@ def check_options(**options) -> None:
     fraction = options.get("measure_fraction", 0.0)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise UserError(f"controller.online.measure_fraction={fraction!r}: give a fraction in [0, 1]")
-    for name in ("refit_every", "rollout_batch_size"):
+    for name in ("refit_every", "rollout_batch_size", "speed_window"):
         value = options.get(name, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"controller.online.{name}={value!r}: give a positive whole number")
@@ -55,15 +60,18 @@ def check_options(**options) -> None:
 class OnlineEnv(ProfileEnv):
     def __init__(self, backbone, samples: list, latency_model: LatencyModel, measured: pd.DataFrame,
                  known: pd.DataFrame | None = None, *, measure_fraction: float = 0.05, refit_every: int = 200,
-                 rollout_batch_size: int = 64, seed: int = 0):
+                 rollout_batch_size: int = 64, speed_window: int = 25, seed: int = 0):
         """samples: the split's; measured: a profile of some of them at every configuration, timed at
         batch 1 (the latency model's first fit and the residuals' donors); known: records of any
         profile whose answers are read instead of run."""
-        check_options(measure_fraction=measure_fraction, refit_every=refit_every, rollout_batch_size=rollout_batch_size)
+        check_options(measure_fraction=measure_fraction, refit_every=refit_every, rollout_batch_size=rollout_batch_size,
+                      speed_window=speed_window)
         space = backbone.space
         self.backbone, self.samples, self.model = backbone, list(samples), latency_model
         self.engine = RolloutEngine(backbone, int(rollout_batch_size))
         self.measure_fraction, self.refit_every = float(measure_fraction), int(refit_every)
+        self.speed_window = int(speed_window)
+        self.recent_ratios = np.zeros(0)  # the last window's measured / predicted, the next window's context
         self.rng = np.random.default_rng(seed)
         ids = [str(s.sample_id) for s in self.samples]
         self.index = {s: i for i, s in enumerate(ids)}
@@ -87,7 +95,7 @@ class OnlineEnv(ProfileEnv):
             accuracy[(s, *(t[c] for t in self.cell))] = torch.tensor(records["accuracy"].to_numpy(float),
                                                                         dtype=torch.float32)
             self.output_tokens[s, c] = torch.tensor(records["output_tokens"].to_numpy(float), dtype=torch.float32)
-            timed = (records["latency_source"].fillna("measured") == "measured").to_numpy()
+            timed = (records["latency_source"].fillna("measured") == "measured").to_numpy(copy=True)
             self.measured_ms[s[timed], c[timed]] = torch.tensor(records.loc[timed, STAGES].to_numpy(float, copy=True),
                                                                 dtype=torch.float32)
         self.new_measurements: list[dict] = []
@@ -141,16 +149,20 @@ class OnlineEnv(ProfileEnv):
         """Fold the measurements since the last refit in and refit the latency model on every timed
         record. The machine's speed drifts (here 1.8x between a morning's profile and the evening), and
         the budgets, the feasible range and serving's calibration are in the units of the first
-        measured profile: so the window's speed against the model (the median of measured over
-        predicted) is divided out, and what the refit learns is the shape (which configuration and
-        which request costs how much). Reported: that speed, and the model's error on the window,
-        predicted before it was seen, with the speed taken out and raw."""
+        measured profile: so each timing's speed against the model (the median of measured over
+        predicted of its `speed_window` neighbours in time) is divided out, and what the refit learns
+        is the shape (which configuration and which request costs how much). Reported: the window's
+        speed, and the model's error on the window, predicted before it was seen, with the window's
+        speed taken out and raw."""
         new = pd.DataFrame(self.new_measurements)
         raw = new["T_total_ms"].to_numpy(float)
         predicted = self.model.predict_frame(new)
-        speed = float(np.median(raw / np.maximum(predicted, 1e-9)))
+        ratio = raw / np.maximum(predicted, 1e-9)
+        speed = float(np.median(ratio))
         self.last_mape, raw_mape = mape(predicted * speed, raw), mape(predicted, raw)
-        new[[*STAGES, "T_total_ms"]] /= speed
+        local = local_speed(np.concatenate([self.recent_ratios, ratio]), self.speed_window)[len(self.recent_ratios):]
+        self.recent_ratios = ratio[len(ratio) - self.speed_window // 2:]
+        new[[*STAGES, "T_total_ms"]] /= local[:, None]
         cells = torch.tensor(new[["row", "config"]].to_numpy())
         self.measured_ms[cells[:, 0], cells[:, 1]] = torch.tensor(new[STAGES].to_numpy(float), dtype=torch.float32)
         self.measured = pd.concat([self.measured, new.drop(columns=["row", "config"])], ignore_index=True)
@@ -224,7 +236,8 @@ class OnlineEnv(ProfileEnv):
                 "timed_ms": self.measured_ms[timed[:, 0], timed[:, 1]].clone(),
                 "measured": {c: self.measured[c].tolist() for c in self.measured.columns},
                 "new_measurements": [dict(m) for m in self.new_measurements], "history": list(self.history),
-                "stats": dict(self.stats), "rng": self.rng.bit_generator.state}
+                "stats": dict(self.stats), "rng": self.rng.bit_generator.state,
+                "recent_ratios": torch.from_numpy(self.recent_ratios.copy())}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["sample_ids"]) != list(self.sample_ids):
@@ -238,6 +251,7 @@ class OnlineEnv(ProfileEnv):
         self.new_measurements, self.history = list(state["new_measurements"]), list(state["history"])
         self.stats.update(state["stats"])
         self.rng.bit_generator.state = state["rng"]
+        self.recent_ratios = state["recent_ratios"].numpy() if "recent_ratios" in state else np.zeros(0)
         if self.history:  # the refits' model: fitted on the same timed records, as it was
             self.model = LatencyModel.fit(self.measured)
             self._coefs = self.model.coefficients(self.configs)
@@ -262,6 +276,12 @@ class OnlineEnv(ProfileEnv):
             out["online/latency_mape"] = self.last_mape
             out["online/speed"] = self.history[-1]["speed"]
         return out
+
+
+def local_speed(ratios: np.ndarray, window: int) -> np.ndarray:
+    """Each timing's speed: the median of measured / predicted over the `window` timings centred on it
+    (fewer at the ends)."""
+    return pd.Series(ratios).rolling(window, center=True, min_periods=1).median().to_numpy()
 
 
 @torch.inference_mode()
