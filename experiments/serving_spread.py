@@ -7,9 +7,9 @@ questions, at configurations drawn from a pool: one configuration over and over 
 times a configuration's samples back to back), three taking turns, or all 225 at random (as a
 controller's choices vary). Each request's latency is divided by the latency model's prediction
 for its own tokens, then by the median of its 25 neighbours (the machine's drift out, as the online
-environment does); the spread is p95 / median of that ratio. The online environment's timed pairs
-are single requests between engine batches (`--engine` times those instead: after each engine
-batch of 8 samples x 16 configurations, 8 requests at random configurations).
+environment does); the spread is p95 / median of that ratio. Last, as the online environment
+times its pairs: after each engine batch of 8 samples x 16 configurations, 8 single requests at
+random configurations.
 Writes experiments/results/serving_spread.json with the command and the machine. Run it alone.
 """
 

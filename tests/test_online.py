@@ -12,10 +12,11 @@ from lvlm_ctrl.data.profiles import _Subset
 from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.online import OnlineEnv
 from lvlm_ctrl.grpo.policy import Decision
+from lvlm_ctrl.knobs import Knobs
 from lvlm_ctrl.latency_model import STAGES, LatencyModel
 from lvlm_ctrl.metrics import vqa_score
 from lvlm_ctrl.profile import profile_split
-from lvlm_ctrl.profiling import read_profile
+from lvlm_ctrl.profiling import KNOB_COLUMNS, read_profile
 from lvlm_ctrl.train import train
 from tests.conftest import run_cli
 from tests.test_train import compose_train
@@ -121,11 +122,10 @@ def test_the_machine_slowing_within_a_window_is_divided_out_where_it_happened(ba
     for i, r in rows.iterrows():
         slow = 1.0 if i < 30 else 1.6
         rec = r.to_dict()
-        rec.update({s: predicted_stage * slow for s, predicted_stage in
-                    zip(STAGES, (model.predict_record(rec)[s] for s in STAGES))})
-        rec["T_total_ms"] = predicted[i] * slow
-        env.new_measurements.append({**rec, "row": ids[rec["sample_id"]], "config": next(
-            c for c, k in enumerate(configs) if k.as_dict() == {n: rec[n] for n in k.as_dict()})})
+        stages = model.predict_record(rec)
+        rec.update({s: stages[s] * slow for s in STAGES}, T_total_ms=predicted[i] * slow)
+        env.new_measurements.append({**rec, "row": ids[rec["sample_id"]],
+                                     "config": configs.index(Knobs(*(rec[n] for n in KNOB_COLUMNS)))})
     env._refit()
     folded = env.measured.tail(60)
     ratio = folded["T_total_ms"].to_numpy() / predicted
@@ -199,7 +199,8 @@ def test_online_env_options_are_checked(tmp_path):
     for override, message in (("controller.env=offline", "choose profile or online"),
                               ("+controller.online.bogus=1", "unknown controller.online option"),
                               ("controller.online.measure_fraction=2", "give a fraction in"),
-                              ("controller.online.rollout_batch_size=0", "give a positive whole number")):
+                              ("controller.online.rollout_batch_size=0", "give a positive whole number"),
+                              ("controller.online.speed_window=0", "give a positive whole number")):
         cfg = compose_train(tmp_path, "controller=grpo", "controller.env=online", "data.limit=4",
                             f"profile.path={tmp_path / 'p'}", override)
         with pytest.raises(UserError, match=message):

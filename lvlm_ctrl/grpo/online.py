@@ -161,7 +161,7 @@ class OnlineEnv(ProfileEnv):
         speed = float(np.median(ratio))
         self.last_mape, raw_mape = mape(predicted * speed, raw), mape(predicted, raw)
         local = local_speed(np.concatenate([self.recent_ratios, ratio]), self.speed_window)[len(self.recent_ratios):]
-        self.recent_ratios = ratio[len(ratio) - self.speed_window // 2:]
+        self.recent_ratios = ratio[max(len(ratio) - self.speed_window // 2, 0):]
         new[[*STAGES, "T_total_ms"]] /= local[:, None]
         cells = torch.tensor(new[["row", "config"]].to_numpy())
         self.measured_ms[cells[:, 0], cells[:, 1]] = torch.tensor(new[STAGES].to_numpy(float), dtype=torch.float32)
