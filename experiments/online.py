@@ -54,13 +54,17 @@ def run(name: str, args: list[str], done: Path, log: dict) -> None:
     atomic_write_json(record, log[name])
 
 
-def side_by_side(ckpts: dict[str, Path], budgets: list[float], test: int) -> dict:
+def side_by_side(ckpts: dict[str, Path], budgets: list[float], test: int,
+                 serving: dict[str, list[str]] | None = None) -> dict:
     """GRPO checkpoints served in one process on one backbone, taking turns request by request at
-    every budget, each with its own latency calibration; the floor probe (the cheapest
-    configuration, once per question) marks the budgets no controller could keep."""
+    every budget, each with its own latency calibration (and its own evaluate overrides,
+    `serving[name]`); the floor probe (the cheapest configuration, once per question) marks the
+    budgets no controller could keep."""
     overrides = ["controller=grpo", "data.split=test", f"data.limit={test}"]
+    serving = serving or {}
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfgs = {name: compose("evaluate", overrides=[*overrides, f"ckpt={ckpt}"]) for name, ckpt in ckpts.items()}
+        cfgs = {name: compose("evaluate", overrides=[*overrides, f"ckpt={ckpt}", *serving.get(name, [])])
+                for name, ckpt in ckpts.items()}
     cfg = next(iter(cfgs.values()))
     backbone = hydra.utils.instantiate(cfg.model)
     dataset = hydra.utils.instantiate(cfg.data)

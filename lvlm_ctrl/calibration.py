@@ -14,16 +14,18 @@ configuration and keeps, online:
      `target` whatever the line misses (a noisier machine has a longer tail). Per band, because
      lateness at one budget says nothing about another: one margin for all let 46% of the requests at
      one budget run late while nine others were kept. Requests for which nothing was predicted to
-     fit do not move it.
+     fit do not move it. `min_margin` < 1 lets a margin fall below 1 as well, loosening a controller
+     more careful than the machine needs; off by default (README: it brought careful online
+     controllers to ~4% late, yet left them 1-2 points behind the profile-trained one).
 
-A budget B on this machine is the budget (B / m - a) / b in the profile's terms, never more than B,
-which is what the controller then decides for. Before serving, `warm_up` times a few configurations spread over the
-profiled latency range, so the line starts from this machine's state instead of the profile's, and
-times the cheapest configuration `floor` times, each after the costliest configuration: the 97.5th
-percentile of those, an estimate of its 95th that errs high, plus `drift`, is the lowest budget this
-machine can keep now (`floor_ms`), where evaluate's
-default budget grid starts when it is above the profile's (a machine slower than its profile cannot
-keep the profile's lowest budget, whatever the controller decides).
+A budget B on this machine is the budget (B / m - a) / b in the profile's terms, never more than B
+(B / m for a margin below 1), which is what the controller then decides for. Before serving,
+`warm_up` times a few configurations spread over the profiled latency range, so the line starts
+from this machine's state instead of the profile's, and times the cheapest configuration `floor`
+times, each after the costliest configuration: the 97.5th percentile of those, an estimate of its
+95th that errs high, plus `drift`, is the lowest budget this machine can keep now (`floor_ms`),
+where evaluate's default budget grid starts when it is above the profile's (a machine slower than
+its profile cannot keep the profile's lowest budget, whatever the controller decides).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class LatencyCalibration:
     target: float = 0.05        # the late fraction the margin steers to
     step: float = 0.05          # the margin's feedback gain (log scale)
     max_margin: float = 1.5
+    min_margin: float = 1.0     # < 1: lateness under target loosens the budget too (below)
     warmup: int = 6             # configurations timed by warm_up (0 = none)
     floor: int = 40             # timings of the cheapest configuration at warm_up: the serving floor
     drift: float = 0.30         # the floor's allowance for the machine's drift over an evaluation
@@ -48,12 +51,15 @@ class LatencyCalibration:
     band: float = 0.1           # margins are kept per budget band of this relative width
 
     def __post_init__(self):
-        for name in ("halflife", "step", "max_margin", "prior", "band", "drift"):
+        for name in ("halflife", "step", "max_margin", "min_margin", "prior", "band", "drift"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ValueError(f"calibration.{name} must be a number >= 0, got {value!r}")
         if not 0 < self.target < 1:
             raise ValueError(f"calibration.target must be a fraction in (0, 1), got {self.target!r}")
+        if not 0 < self.min_margin <= 1 <= self.max_margin:
+            raise ValueError(f"calibration.min_margin={self.min_margin!r}, max_margin={self.max_margin!r}: "
+                             "give 0 < min_margin <= 1 <= max_margin")
         self.forget = 0.5 ** (1.0 / max(self.halflife, 1.0))
         self.stats = np.zeros(5)  # weighted sums of 1, x, y, x^2, xy
         self.log_margins: dict[int, float] = {}
@@ -100,10 +106,12 @@ class LatencyCalibration:
         if not self.enabled:
             return budget_ms
         a, b = self.line
-        # never looser than the budget itself: a machine faster than its profile in the median says
-        # nothing about the profile's tail, which the controllers' choices are made of (on a GPU
-        # whose profile ran slow, loosening made 47-57% of requests late at mid budgets)
-        return min(max((budget_ms / self.margin(budget_ms) - a) / b, 1e-3), budget_ms)
+        m = self.margin(budget_ms)
+        # never looser than the budget itself on the line's word: a machine faster than its profile
+        # in the median says nothing about the profile's tail, which the controllers' choices are
+        # made of (on a GPU whose profile ran slow, loosening made 47-57% of requests late at mid
+        # budgets). A margin below 1 is the band's own lateness saying so, and may.
+        return min(max((budget_ms / m - a) / b, 1e-3), budget_ms / min(m, 1.0))
 
     def observe(self, profiled_ms: float, measured_ms: float, budget_ms: float | None = None,
                 predicted_to_fit: bool = True) -> None:
@@ -118,7 +126,7 @@ class LatencyCalibration:
             late = float(measured_ms > budget_ms)
             band = self._band(budget_ms)
             log_m = self.log_margins.get(band, 0.0) + self.step * (late - self.target)
-            self.log_margins[band] = min(max(log_m, 0.0), math.log(self.max_margin))
+            self.log_margins[band] = min(max(log_m, math.log(self.min_margin)), math.log(self.max_margin))
 
     def warm_up(self, run, configurations: list[tuple[object, float]], overhead_ms: float = 0.0) -> None:
         """run(knobs) -> measured ms; configurations: (knobs, profiled median) pairs. Times `warmup` of

@@ -62,7 +62,22 @@ def test_the_margin_steers_the_late_fraction_to_its_target():
     assert cal.margin(10.0) == margin
 
 
-@pytest.mark.parametrize("bad", [{"halflife": -1}, {"target": 1.5}, {"step": "fast"}])
+def test_a_margin_allowed_below_one_loosens_a_band_that_is_never_late():
+    cal = LatencyCalibration(min_margin=0.8)
+    cal.reset((8.0, 40.0))
+    for _ in range(400):  # the controller is careful: nothing it picks comes near the budget
+        cal.observe(20.0, 20.0, budget_ms=25.0)
+    assert cal.margin(25.0) == pytest.approx(0.8)
+    # the band's own feedback, not the line, loosens it: past the budget itself
+    assert cal.profiled_budget(25.0) == pytest.approx(25.0 / 0.8, rel=0.02)
+    assert cal.margin(40.0) == 1.0  # a band nothing was served in stays as it was
+    for _ in range(200):  # then every request runs late: the margin climbs back over 1
+        cal.observe(20.0, 30.0, budget_ms=25.0)
+    assert cal.margin(25.0) > 1.0 and cal.profiled_budget(25.0) < 25.0
+
+
+@pytest.mark.parametrize("bad", [{"halflife": -1}, {"target": 1.5}, {"step": "fast"},
+                                 {"min_margin": 0.0}, {"min_margin": 1.2}])
 def test_bad_calibration_options(bad):
     with pytest.raises(ValueError, match="calibration"):
         LatencyCalibration(**bad)
