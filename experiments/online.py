@@ -54,6 +54,12 @@ def run(name: str, args: list[str], done: Path, log: dict) -> None:
     atomic_write_json(record, log[name])
 
 
+def default_budgets(ckpt: str | Path) -> list[float]:
+    """A GRPO checkpoint's 10 default budgets: its feasible range, evenly."""
+    low, high = torch.load(ckpt, map_location="cpu", weights_only=True)["serving"]["feasible_ms"]
+    return [round(float(b), 3) for b in torch.linspace(low, high, 10)]
+
+
 def side_by_side(ckpts: dict[str, Path], budgets: list[float], test: int,
                  serving: dict[str, list[str]] | None = None) -> dict:
     """GRPO checkpoints served in one process on one backbone, taking turns request by request at
@@ -100,9 +106,7 @@ def main() -> None:
                              f"data.limit={a.limit}", f"hydra.run.dir={train_dir}", *a.extra],
             train_dir / "checkpoints" / "best.ckpt", log)
     online_ckpt = Path(a.online_ckpt) if a.online_ckpt else train_dir / "checkpoints" / "best.ckpt"
-    serving = torch.load(a.profile_ckpt, map_location="cpu", weights_only=True)["serving"]
-    low, high = serving["feasible_ms"]
-    budgets = [round(float(b), 3) for b in torch.linspace(low, high, 10)]
+    budgets = default_budgets(a.profile_ckpt)
     done = out / "eval_side_by_side.json"
     ckpts = {"profile": Path(a.profile_ckpt), "online": online_ckpt}
     summary = json.loads(done.read_text()) if done.exists() else None

@@ -17,10 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from online import ROOT, side_by_side
+from online import ROOT, default_budgets, side_by_side
 
 from lvlm_ctrl.io import atomic_write_json, machine
 
@@ -38,8 +36,7 @@ def main() -> None:
     ckpts = {"profile": Path(a.profile_ckpt), "profile_loose": Path(a.profile_ckpt)}
     ckpts.update({f"online{i}_loose": Path(c) for i, c in enumerate(a.online_ckpt)})
     serving = {name: loose for name in ckpts if name.endswith("_loose")}
-    low, high = torch.load(a.profile_ckpt, map_location="cpu", weights_only=True)["serving"]["feasible_ms"]
-    budgets = [round(float(b), 3) for b in torch.linspace(low, high, 10)]
+    budgets = default_budgets(a.profile_ckpt)
     t0 = time.time()
     summary = side_by_side(ckpts, budgets, a.test, serving)
     report = {"command": " ".join([sys.executable, *sys.argv]), "machine": machine(),

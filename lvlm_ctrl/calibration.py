@@ -16,7 +16,7 @@ configuration and keeps, online:
      one budget run late while nine others were kept. Requests for which nothing was predicted to
      fit do not move it. `min_margin` < 1 lets a margin fall below 1 as well, loosening a controller
      more careful than the machine needs; off by default (README: it brought careful online
-     controllers to ~4% late, yet left them 1-2 points behind the profile-trained one).
+     controllers to ~4% late, yet left them 1-2.6 points behind the profile-trained one).
 
 A budget B on this machine is the budget (B / m - a) / b in the profile's terms, never more than B
 (B / m for a margin below 1), which is what the controller then decides for. Before serving,
