@@ -13,7 +13,7 @@ from lvlm_ctrl.errors import UserError
 from lvlm_ctrl.grpo.online import OnlineEnv
 from lvlm_ctrl.grpo.policy import Decision
 from lvlm_ctrl.knobs import Knobs
-from lvlm_ctrl.latency_model import STAGES, LatencyModel
+from lvlm_ctrl.latency_model import STAGES, LatencyModel, held_out_mask
 from lvlm_ctrl.metrics import vqa_score
 from lvlm_ctrl.profile import profile_split
 from lvlm_ctrl.profiling import KNOB_COLUMNS, read_profile
@@ -195,12 +195,30 @@ def test_online_training_prepares_only_the_latency_model(tmp_path):
     assert after["rollouts_run"] >= before["rollouts_run"] and after["refits"][:len(before["refits"])] == before["refits"]
 
 
+def test_online_training_steps_draw_from_the_pool(tmp_path):
+    prof, run = tmp_path / "prof", tmp_path / "run"
+    cfg = compose_train(run, "controller=grpo", "budget=uniform", "controller.env=online", "data.limit=16",
+                        "profile.measured=1", f"profile.path={prof}", "profile.batch_size=2", "profile.val_fraction=0.5",
+                        "controller.group_size=4", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                        "controller.online.measure_fraction=0", "controller.online.pool=2", "logger=csv")
+    train(cfg)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["env"]
+    ids = state["sample_ids"]
+    held = held_out_mask(ids, 0.5)
+    timed = set(read_profile(next(prof.glob("measured-*")))["sample_id"].astype(str))
+    ran = {ids[r] for r in state["known"][:, 0].tolist()} - timed  # the timed question is known from the start
+    trained = {i for i in ran if not held[ids.index(i)]}
+    # 8 draws, from the pool's 2 of the split's 8 training questions (one of them may be the timed one)
+    assert 0 < len(trained) <= 2 < sum(not h for h in held)
+
+
 def test_online_env_options_are_checked(tmp_path):
     for override, message in (("controller.env=offline", "choose profile or online"),
                               ("+controller.online.bogus=1", "unknown controller.online option"),
                               ("controller.online.measure_fraction=2", "give a fraction in"),
                               ("controller.online.rollout_batch_size=0", "give a positive whole number"),
-                              ("controller.online.speed_window=0", "give a positive whole number")):
+                              ("controller.online.speed_window=0", "give a positive whole number"),
+                              ("controller.online.pool=0", "or null: every training question")):
         cfg = compose_train(tmp_path, "controller=grpo", "controller.env=online", "data.limit=4",
                             f"profile.path={tmp_path / 'p'}", override)
         with pytest.raises(UserError, match=message):

@@ -164,6 +164,12 @@ class ProfileDataModule(L.LightningDataModule):
             raise UserError(f"{len(self.samples)} training samples are too few to hold out a validation set "
                             f"(profile.val_fraction={self.val_fraction}); raise data.limit")
         self.env.use_for_slo(self.train_idx)
+        pool = self.online.get("pool") if self.env_kind == "online" else None
+        if pool is not None and pool < len(self.train_idx):  # the questions the training steps draw from
+            pick = torch.randperm(len(self.train_idx), generator=torch.Generator().manual_seed(self.seed))[:pool]
+            self.train_idx = self.train_idx[pick.sort().values]
+            print(f"online environment: training steps draw from {pool} of the {len(held) - int(held.sum())} "
+                  "training questions (controller.online.pool)", flush=True)
 
     def _online_env(self):
         from lvlm_ctrl.grpo.online import OnlineEnv
@@ -179,8 +185,9 @@ class ProfileDataModule(L.LightningDataModule):
         print(f"online environment: {len(self.dataset)} {self.dataset.name} {self.dataset.split} questions, rollouts on "
               f"the live backbone ({0 if known is None else known['sample_id'].nunique()} questions read from a profile)",
               flush=True)
+        options = {k: v for k, v in self.online.items() if k != "pool"}  # the pool is the sampler's (setup)
         return OnlineEnv(self.backbone, self.dataset.samples, model, read_profile(measured_dir), known, seed=self.seed,
-                         **self.online)
+                         **options)
 
     def profile(self):
         """The profile's records (a DataFrame), prepared first if missing."""

@@ -40,7 +40,7 @@ from lvlm_ctrl.grpo.policy import Decision
 from lvlm_ctrl.latency_model import STAGES, LatencyModel, mape
 from lvlm_ctrl.metrics import vqa_score
 
-OPTIONS = ("measure_fraction", "refit_every", "rollout_batch_size", "speed_window")
+OPTIONS = ("measure_fraction", "refit_every", "rollout_batch_size", "speed_window", "pool")
 
 
 def check_options(**options) -> None:
@@ -51,10 +51,13 @@ def check_options(**options) -> None:
     fraction = options.get("measure_fraction", 0.0)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise UserError(f"controller.online.measure_fraction={fraction!r}: give a fraction in [0, 1]")
-    for name in ("refit_every", "rollout_batch_size", "speed_window"):
+    for name in ("refit_every", "rollout_batch_size", "speed_window", "pool"):
         value = options.get(name, 1)
+        if name == "pool" and value is None:  # every training question
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"controller.online.{name}={value!r}: give a positive whole number")
+            raise UserError(f"controller.online.{name}={value!r}: give a positive whole number"
+                            + (" (or null: every training question)" if name == "pool" else ""))
 
 
 class OnlineEnv(ProfileEnv):
