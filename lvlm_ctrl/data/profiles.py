@@ -165,11 +165,12 @@ class ProfileDataModule(L.LightningDataModule):
                             f"(profile.val_fraction={self.val_fraction}); raise data.limit")
         self.env.use_for_slo(self.train_idx)
         pool = self.online.get("pool") if self.env_kind == "online" else None
-        if pool is not None and pool < len(self.train_idx):  # the questions the training steps draw from
-            pick = torch.randperm(len(self.train_idx), generator=torch.Generator().manual_seed(self.seed))[:pool]
+        n = len(self.train_idx)
+        if pool is not None and pool < n:  # the questions the training steps draw from
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[:pool]
             self.train_idx = self.train_idx[pick.sort().values]
-            print(f"online environment: training steps draw from {pool} of the {len(held) - int(held.sum())} "
-                  "training questions (controller.online.pool)", flush=True)
+            print(f"online environment: training steps draw from {pool} of the {n} training questions "
+                  "(controller.online.pool)", flush=True)
 
     def _online_env(self):
         from lvlm_ctrl.grpo.online import OnlineEnv
