@@ -119,8 +119,11 @@ class GRPOModule(L.LightningModule):
         if self.policy.budget_token is not None:  # the latency token depends on the budget: keep prompt states
             self.prompt_states = [tuple(t.clone() for t in tier) for tier in prompt_states(self.backbone, data.samples)]
             tokens = torch.empty(0)
-        else:
-            tokens = latency_tokens(self.backbone, data.samples).clone()
+        else:  # only the questions training or validation reads (an online pool leaves most out); NaN elsewhere
+            used = torch.cat([data.train_idx, data.val_idx]).unique()
+            part = latency_tokens(self.backbone, [data.samples[i] for i in used.tolist()])
+            tokens = part.new_full((len(data.samples), *part.shape[1:]), float("nan"))
+            tokens[used] = part
         self.register_buffer("tokens", tokens, persistent=False)
         counts = torch.from_numpy(token_count_features(self.env.token_counts[..., 0], self.env.token_counts[..., 1]))
         self.register_buffer("counts", counts, persistent=False)  # (S, tiers, 2)
