@@ -51,13 +51,15 @@ def check_options(**options) -> None:
     fraction = options.get("measure_fraction", 0.0)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
         raise UserError(f"controller.online.measure_fraction={fraction!r}: give a fraction in [0, 1]")
-    for name in ("refit_every", "rollout_batch_size", "speed_window", "pool"):
-        value = options.get(name, 1)
-        if name == "pool" and value is None:  # every training question
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"controller.online.{name}={value!r}: give a positive whole number"
-                            + (" (or null: every training question)" if name == "pool" else ""))
+    for name in ("refit_every", "rollout_batch_size", "speed_window"):
+        _check_whole(name, options.get(name, 1))
+    if options.get("pool") is not None:  # null: every training question
+        _check_whole("pool", options["pool"], " (or null: every training question)")
+
+
+def _check_whole(name: str, value, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"controller.online.{name}={value!r}: give a positive whole number{alternative}")
 
 
 class OnlineEnv(ProfileEnv):
