@@ -2,12 +2,15 @@
 issue 18's "within 1 point of the profile-trained controller at every budget").
 
     python experiments/seed_spread.py --ckpt seed0=A/best.ckpt --ckpt seed1=B/best.ckpt [--ckpt online=C/best.ckpt]
+        [--reference seed0,seed1]
 
 Every checkpoint is served side by side in one process (experiments/online.py: side_by_side, the
 controllers taking turns request by request, latency measured at batch 1) on --test test questions
 at the first checkpoint's 10 default budgets. Written: per controller, per budget, its accuracy,
 violation rate, 95th-percentile latency and the tiers it served, and its AUC; per pair, the
-difference per budget, its largest magnitude and the number of budgets within 1 point.
+difference per budget, its largest magnitude and the number of budgets within 1 point; with
+--reference (the checkpoints trained alike), per other checkpoint and budget, how far its accuracy
+falls outside the reference checkpoints' range (0 inside it).
 """
 
 from __future__ import annotations
@@ -35,10 +38,24 @@ def pair_differences(summary: dict, names: list[str]) -> dict:
     return out
 
 
+def outside_range(summary: dict, reference: list[str], others: list[str]) -> dict:
+    """Per checkpoint not in reference: at each budget, how far its accuracy lies below the lowest
+    (negative) or above the highest (positive) of the reference checkpoints', 0 inside that range."""
+    out = {}
+    for name in others:
+        gaps = []
+        for i, r in enumerate(summary[name]["results"]):
+            ref = [summary[n]["results"][i]["accuracy"] for n in reference]
+            gaps.append(min(0.0, r["accuracy"] - min(ref)) + max(0.0, r["accuracy"] - max(ref)))
+        out[name] = {"outside": gaps, "inside": sum(g == 0.0 for g in gaps)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", action="append", required=True, metavar="NAME=PATH",
                     help="a GRPO checkpoint to serve (two or more; the first one's feasible range sets the budgets)")
+    ap.add_argument("--reference", help="comma-separated NAMEs trained alike: the range the others are placed in")
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--report", default=str(ROOT / "experiments" / "results" / "seed_spread.json"))
     a = ap.parse_args()
@@ -50,6 +67,9 @@ def main() -> None:
         ckpts[name] = Path(path)
     if len(ckpts) < 2:
         raise SystemExit("give two or more --ckpt NAME=PATH")
+    reference = a.reference.split(",") if a.reference else []
+    if reference and (set(reference) - set(ckpts) or len(reference) < 2):
+        raise SystemExit(f"--reference {a.reference}: name two or more of the --ckpt names ({', '.join(ckpts)})")
     budgets = default_budgets(next(iter(ckpts.values())))
     t0 = time.time()
     summary = side_by_side(ckpts, budgets, a.test)
@@ -62,6 +82,9 @@ def main() -> None:
                      "tiers": [r["knobs"]["tier"] for r in summary[n]["results"]],
                      "floor": summary[n]["floor"]} for n in names},
               "pairs": pair_differences(summary, names)}
+    if reference:
+        report["reference"] = reference
+        report["outside_reference"] = outside_range(summary, reference, [n for n in names if n not in reference])
     atomic_write_json(Path(a.report), report)
     for n in names:
         print(f"{n:10s} AUC {summary[n]['auc']:.4f}  " + " ".join(f"{r['accuracy']:.3f}/{r['violation_rate']:.3f}"
@@ -69,6 +92,9 @@ def main() -> None:
     for pair, d in report["pairs"].items():
         print(f"{pair:20s} largest {d['largest'] * 100:.1f} pts, within 1 point at {d['within_1_point']}/{len(budgets)}: "
               + " ".join(f"{x * 100:+.1f}" for x in d["difference"]))
+    for name, d in report.get("outside_reference", {}).items():
+        print(f"{name:10s} inside the range of {','.join(reference)} at {d['inside']}/{len(budgets)}: "
+              + " ".join(f"{x * 100:+.1f}" for x in d["outside"]))
     print(f"wrote {a.report}")
 
 
