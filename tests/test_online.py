@@ -3,6 +3,7 @@ generate scores them, run once per (sample, configuration), latency from the lat
 request's own tokens plus a measured residual, timed rollouts refitting it; and training through it."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -213,6 +214,21 @@ def test_online_training_steps_draw_from_the_pool(tmp_path):
     trained = {i for i in ran if not held[ids.index(i)]}
     # 8 draws, from the pool's 2 of the split's 8 training questions (one of them may be the timed one)
     assert 0 < len(trained) <= 2 < sum(not h for h in held)
+
+
+def test_online_training_reads_a_moved_latency_model_preparation(tmp_path):
+    """The latency model names the measured profile it was fitted on by the path it was prepared
+    under; a copy of the directory elsewhere (another machine, another working directory) still trains."""
+    overrides = ("controller=grpo", "controller.env=online", "data.limit=6", "profile.measured=1",
+                 "profile.batch_size=2", "profile.val_fraction=0.5", "controller.group_size=2", "trainer.max_steps=1",
+                 "controller.online.measure_fraction=0", "logger=csv")
+    train(compose_train(tmp_path / "run1", *overrides, f"profile.path={tmp_path / 'prof'}"))
+    (tmp_path / "prof").rename(tmp_path / "moved")
+    train(compose_train(tmp_path / "run2", *overrides, f"profile.path={tmp_path / 'moved'}"))
+    assert (tmp_path / "run2" / "checkpoints" / "best.ckpt").exists()
+    shutil.rmtree(tmp_path / "moved" / "measured-1")
+    with pytest.raises(UserError, match="is gone; delete latency_model.json there"):
+        train(compose_train(tmp_path / "run3", *overrides, f"profile.path={tmp_path / 'moved'}"))
 
 
 def test_online_env_options_are_checked(tmp_path):
