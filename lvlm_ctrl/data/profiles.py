@@ -178,10 +178,10 @@ class ProfileDataModule(L.LightningDataModule):
 
         self.prepare_data()  # done already where Lightning called it: setup may run in another process
         model = LatencyModel.load(self.work / "latency_model.json")
-        measured_dir = Path(str(model.meta.get("profile", "")))
-        if not part_files(measured_dir):  # prepared here (beside the model), then moved or run from another directory
-            measured_dir = self.work / measured_dir.name
-        if not measured_dir.name or not part_files(measured_dir):
+        stored = Path(str(model.meta.get("profile", "")))
+        # prepared beside the model, then moved or run from another directory: the one beside it
+        measured_dir = stored if part_files(stored) else self.work / stored.name
+        if not stored.name or not part_files(measured_dir):
             raise UserError(f"the measured profile the latency model in {self.work} was fitted on ({measured_dir}) is "
                             "gone; delete latency_model.json there to measure again")
         known = self.profile() if part_files(self.source) else None  # a profile there: read, not run
