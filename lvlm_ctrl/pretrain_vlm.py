@@ -1,7 +1,7 @@
 """Pretrain a tiny real-family MoE VLM (build_tiny's architecture, word-level tokenizer) on a dataset,
 with Lightning: the synth-VQA testbed's backbone (issue 17).
 
-    python -m lvlm_ctrl.pretrain_vlm                  # tiny Qwen3-VL-MoE on synth_vqa, 38 min on 2 cores (max_time)
+    python -m lvlm_ctrl.pretrain_vlm                  # tiny Qwen3-VL-MoE on synth_vqa, <= 40 min on 2 cores (max_time 36)
     python -m lvlm_ctrl.pretrain_vlm install=true     # also copies it into lvlm_ctrl/assets/tiny_qwen3_vl_moe
 
 Every batch goes through the family's own processor (dynamic resolution: each image as many vision

@@ -18,8 +18,8 @@ from tests.conftest import error_line, run_cli
 
 def test_word_tokenizer_gives_one_token_per_word_and_decodes_answers():
     tok = word_tokenizer(QWEN_SPECIALS, vocabulary())
-    prompt = "<|vision_start|><|image_pad|><|vision_end|>what colors are the shapes from left to right?"
-    assert tok.tokenize(prompt)[3:] == ["what", "colors", "are", "the", "shapes", "from", "left", "to", "right", "?"]
+    prompt = "<|vision_start|><|image_pad|><|vision_end|>what colors are the shapes in rainbow order?"
+    assert tok.tokenize(prompt)[3:] == ["what", "colors", "are", "the", "shapes", "in", "rainbow", "order", "?"]
     ids = tok("red green blue<|im_end|>", add_special_tokens=False)["input_ids"]
     assert len(ids) == 4 and ids[-1] == tok.eos_token_id
     assert tok.decode(ids, skip_special_tokens=True) == "red green blue"
@@ -115,27 +115,26 @@ def test_training_forward_is_the_serving_forward(tmp_path):
 
 def test_asked_objects_hold_the_answer(tmp_path):
     """The objects the question probe marks are the ones the reference answer is about: a colour
-    question's object has the answer's colour, a yes has its object and a no none, "on the left" is
-    the leftmost of those sharing the named attribute (a flipped left/right fails)."""
+    question's object is the biggest and has the answer's colour, a yes/no question's the biggest
+    too, the other families every object."""
     generate(tmp_path / "val", "val", 0, images=40)
     seen = set()
     for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples:
         scene, answer = scene_of(s.image_path), s.answers[0]
         picks = asked(scene, s.question)
         family = s.sample_id.rsplit("-", 1)[1]
-        seen.add(family + (" where" if " on the " in s.question else ""))
+        seen.add(family)
         if family == "digit":
             assert picks == "box"
-        elif family in ("colour", "shape"):
-            assert len(picks) == 1 and scene.objects[picks[0]][0 if family == "colour" else 1] == answer
-        elif family == "yesno":
-            assert (len(picks) == 1) == (answer == "yes")
+        elif family in ("colour", "yesno"):
+            radii = [o[4] for o in scene.objects]
+            assert len(picks) == 1 and radii[picks[0]] >= 1.5 * max(r for i, r in enumerate(radii) if i != picks[0]) - 1e-9
+            if family == "colour":
+                assert scene.objects[picks[0]][0] == answer
         else:
             assert picks == list(range(len(scene.objects)))
-    assert {"colour where", "shape where", "yesno", "count", "order"} <= seen
+    assert seen == {"colour", "shape", "digit", "count", "order", "yesno"}
     labels = question_labels(seed=0)
-    s = next(s for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples if s.answers == ("no",))
-    assert labels(s.image_path, s.question, 16, 16).sum() == 0
     s = next(s for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples if "number" in s.question)
     assert 1 <= labels(s.image_path, s.question, 4, 4).sum() <= labels(s.image_path, s.question, 32, 32).sum()
 

@@ -43,17 +43,43 @@ def test_inputs_differ_and_every_family_is_asked(tmp_path):
 
 
 def test_answers_match_the_drawn_scene(tmp_path):
-    """The colour named by a colour question is drawn in the image; a digit answer is a single digit."""
-    from lvlm_ctrl.data.synth_vqa import COLORS, NUMBER_WORDS
+    """A colour question's answer is the colour drawn on the most pixels; the order family names
+    every colour drawn, in rainbow order; a yes names the objects' shape and a no another; a digit
+    answer is a single digit."""
+    from lvlm_ctrl.data.synth_vqa import COLORS, NUMBER_WORDS, scene_of
 
     generate(tmp_path / "val", "val", 0, images=30)
     for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples:
         family = family_of(s.sample_id)
+        pixels = Counter(Image.open(s.image_path).convert("RGB").getdata())
+        drawn = [c for c, rgb in COLORS.items() if pixels[rgb] > 0]
         if family == "colour":
-            pixels = set(Image.open(s.image_path).convert("RGB").getdata())
-            assert COLORS[s.answers[0]] in pixels
+            assert max(drawn, key=lambda c: pixels[COLORS[c]]) == s.answers[0]
+        elif family == "order":
+            assert s.answers[0] == " ".join(drawn)
+        elif family == "yesno":
+            shapes = {o[1] for o in scene_of(s.image_path).objects}
+            assert len(shapes) == 1 and (s.question.rstrip("?").split()[-1] in shapes) == (s.answers[0] == "yes")
         elif family == "digit":
             assert s.answers[0].isdigit() and len(s.answers[0]) == 1
             assert vqa_score(NUMBER_WORDS[int(s.answers[0])], list(s.answers)) == 1.0
-        elif family == "yesno":
-            assert s.answers == ("yes",) or s.answers == ("no",)
+
+
+
+def test_a_split_of_another_grammar_is_generated_again(tmp_path, monkeypatch):
+    """A split written by an earlier question grammar (a manifest without this one's number) is
+    written again on load, not served with questions the backbone was not trained on."""
+    import json
+
+    from lvlm_ctrl.data import synth_vqa
+
+    monkeypatch.setitem(synth_vqa.SPLITS, "val", 4)
+    generate(tmp_path / "val", "val", 0)
+    manifest = tmp_path / "val" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["grammar"]
+    old["samples"][0]["question"] = "what color is the triangle on the left?"
+    manifest.write_text(json.dumps(old))
+    samples = synth_vqa.load("val", root=str(tmp_path))
+    assert samples[0].question == "what color is the biggest shape?"
+    assert json.loads(manifest.read_text())["grammar"] == synth_vqa.GRAMMAR

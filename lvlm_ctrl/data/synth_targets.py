@@ -61,32 +61,20 @@ def scene_labels(seed: int, merge: int = 2):
 def asked(scene, question: str) -> list[int] | str:
     """The objects (indices, left to right) a synth-VQA question is about, or "box" for the digit."""
     q = question.rstrip("?")
-    where = next((w for w in ("left", "right") if q.endswith(f" on the {w}")), None)
-    q = q.removesuffix(f" on the {where}") if where else q
     objects = scene.objects
     if q == "what number is written in the box":
         return "box"
-    if q.startswith("what color is the "):
-        picks = [i for i, o in enumerate(objects) if o[1] == q.removeprefix("what color is the ")]
-    elif q.startswith("what shape is the "):
-        picks = [i for i, o in enumerate(objects) if o[0] == q.removeprefix("what shape is the ").split()[0]]
-    elif q.startswith("is there a "):
-        colour, shape = q.removeprefix("is there a ").split()
-        picks = [i for i, o in enumerate(objects) if o[:2] == (colour, shape)]
-    elif q in ("how many shapes are there", "what colors are the shapes from left to right"):
-        picks = list(range(len(objects)))
-    else:
-        raise ValueError(f"not a synth-VQA question: {question!r}")
-    if where and picks:
-        picks = picks[:1] if where == "left" else picks[-1:]
-    return picks
+    if q == "what color is the biggest shape" or q.startswith("is the biggest shape a "):
+        return [objects.index(scene.biggest())]
+    if q in ("what shape are the objects", "how many shapes are there", "what colors are the shapes in rainbow order"):
+        return list(range(len(objects)))
+    raise ValueError(f"not a synth-VQA question: {question!r}")
 
 
 def question_labels(seed: int, merge: int = 2):
     """-> labels(image_path, question, grid_h, grid_w): per token, 1.0 where it shows what the
     question is about (inside an asked object or the digit's box, or the token holding its centre,
-    so that a small object at a low tier still has one), else 0.0. A "no" to "is there a ...?" asks
-    about nothing."""
+    so that a small object at a low tier still has one), else 0.0."""
 
     def labels(image_path: str, question: str, grid_h: int, grid_w: int) -> torch.Tensor:
         scene = synth_vqa.scene_of(image_path, seed)

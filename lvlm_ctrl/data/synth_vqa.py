@@ -2,17 +2,21 @@
 the way real ones do (issue 17): images of many sizes and aspect ratios holding several objects,
 and question families that need different parts of the model.
 
-  colour  "what color is the triangle?"                    coarse: any tier sees it
-  shape   "what shape is the blue object?"                 mid
+  colour  "what color is the biggest shape?"               coarse: any tier sees it
+  shape   "what shape are the objects?"                    mid: the outline needs resolution
   digit   "what number is written in the box?"             fine: a small glyph only a high tier resolves
-  count   "how many shapes are there?"                     counting
-  order   "what colors are the shapes from left to right?" several words: output length varies
-  yesno   "is there a red circle?"                         yes / no
+  count   "how many shapes are there?"                     counting: small objects vanish at low tiers
+  order   "what colors are the shapes in rainbow order?"   two to four words: output length varies
+  yesno   "is the biggest shape a circle?"                 yes / no: the outline again
 
-Each image carries three questions of three families (cycling, so every family is equally
-common). Images are PNG files written once under `root` (default outputs/data/synth_vqa/seed<seed>)
-with a manifest per split; a split is generated on first use and read back afterwards. The sample
-id names the question family (`test-00042-digit`), so profiles and yardsticks can group by it.
+The objects of an image share one shape and differ in colour, and one is clearly the biggest: no
+question binds one attribute to another (the first grammar's "what color is the triangle on the
+left?" and "is there a red circle?" kept a decoder this machine can train in 40 minutes at chance,
+and so did "is there a red shape?": README, synth-VQA testbed). Each image carries three questions of three families (cycling, so
+every family is equally common). Images are PNG files written once under `root` (default
+outputs/data/synth_vqa/seed<seed>) with a manifest per split; a split is generated on first use, or
+again when its manifest is of another grammar, and read back afterwards. The sample id names the
+question family (`test-00042-digit`), so profiles and yardsticks can group by it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from lvlm_ctrl.io import atomic_write_json
 
 SPLITS = {"train": 8000, "val": 1000, "test": 1000}  # images; three questions each
 FAMILIES = ("colour", "shape", "digit", "count", "order", "yesno")
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
-          "purple": (140, 60, 180), "orange": (245, 130, 30)}
+COLORS = {"red": (220, 40, 40), "orange": (245, 130, 30), "yellow": (235, 200, 30), "green": (40, 170, 60),
+          "blue": (40, 80, 220), "purple": (140, 60, 180)}  # in rainbow order: the order family's answers
+GRAMMAR = 2  # the question grammar a manifest was written with; another is generated again
 SHAPES = ("circle", "square", "triangle", "diamond")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
@@ -42,7 +47,7 @@ def load(split: str, root: str | None = None, seed: int = 0) -> list[VQASample]:
         raise UserError(f"unknown synth_vqa split {split!r}: choose one of {', '.join(SPLITS)}")
     base = Path(root) if root else Path("outputs/data/synth_vqa") / f"seed{seed}"
     manifest = base / split / "manifest.json"
-    if not manifest.exists():
+    if not manifest.exists() or _grammar(manifest) != GRAMMAR:
         generate(base / split, split, seed)
     try:
         rows = json.loads(manifest.read_text())["samples"]
@@ -50,6 +55,13 @@ def load(split: str, root: str | None = None, seed: int = 0) -> list[VQASample]:
         raise UserError(f"{manifest} is corrupt ({err.__class__.__name__}): delete {base / split} and it is "
                         "generated again") from None
     return [VQASample(r["id"], str(base / split / r["image"]), r["question"], tuple(r["answers"])) for r in rows]
+
+
+def _grammar(manifest: Path) -> int | None:
+    try:
+        return json.loads(manifest.read_text()).get("grammar")
+    except (json.JSONDecodeError, AttributeError):
+        return GRAMMAR  # corrupt: load's one-line error says what to do, rather than overwriting it
 
 
 def generate(out: Path, split: str, seed: int, images: int | None = None) -> None:
@@ -69,7 +81,8 @@ def generate(out: Path, split: str, seed: int, images: int | None = None) -> Non
             question, answers = scene.ask(family, rng)
             rows.append({"id": f"{split}-{3 * i + j:05d}-{family}", "image": name, "question": question,
                          "answers": answers})
-    atomic_write_json(out / "manifest.json", {"split": split, "seed": seed, "samples": rows})
+    atomic_write_json(out / "manifest.json", {"split": split, "seed": seed, "grammar": GRAMMAR,
+                                                 "samples": rows})
 
 
 def inside(shape: str, dx, dy, r):
@@ -110,15 +123,18 @@ class Scene:
             width, height = (int(round(np.sqrt(area * r) / 32)) * 32 for r in (aspect, 1 / aspect))
             if 128 <= min(width, height) and max(width, height) <= 640 and 0.5 <= width / height <= 2.0:
                 break
+        # two to four objects of one shape, each its own colour; the biggest has a radius 1.5-2.2x
+        # the others', so "the biggest shape" is plain at any resolution
         n = int(rng.integers(2, 5))
-        combos = [(c, s) for c in COLORS for s in SHAPES]
-        picks = rng.choice(len(combos), size=n, replace=False)
+        colours = [list(COLORS)[c] for c in rng.choice(len(COLORS), size=n, replace=False)]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        big = int(rng.integers(n))
         short = min(width, height)
         slot = width / n
+        r_big = float(min(slot * 0.4, short * rng.uniform(0.15, 0.22)))
         objects = []
-        for k, idx in enumerate(picks):
-            colour, shape = combos[idx]
-            r = float(min(slot * 0.35, short * rng.uniform(0.12, 0.2)))
+        for k, colour in enumerate(colours):
+            r = r_big if k == big else r_big * float(rng.uniform(0.45, 0.65))
             cx = slot * (k + 0.5) + rng.uniform(-0.1, 0.1) * slot
             cy = height * rng.uniform(0.45, 0.7)
             objects.append((colour, shape, cx, cy, r))
@@ -128,6 +144,9 @@ class Scene:
         x0 = 4 if rng.random() < 0.5 else width - side - 4
         background = tuple(int(v) for v in rng.integers(200, 250, size=3))
         return cls(width, height, background, objects, int(rng.integers(0, 10)), (x0, 4, side))
+
+    def biggest(self) -> tuple:
+        return max(self.objects, key=lambda o: o[4])
 
     def draw(self) -> Image.Image:
         img = Image.new("RGB", (self.width, self.height), self.background)
@@ -151,39 +170,30 @@ class Scene:
     def ask(self, family: str, rng: np.random.Generator) -> tuple[str, list[str]]:
         """A question of `family` about this scene and its reference answer (one: the VQA metric's
         normalisation already takes "seven" for "7" and ignores punctuation)."""
-        if family in ("colour", "shape"):
-            # name an object by its other attribute, with "on the left/right" among those sharing it
-            known = 1 if family == "colour" else 0  # the attribute the question names
-            obj = self.objects[int(rng.integers(len(self.objects)))]
-            same = [o for o in self.objects if o[known] == obj[known]]
-            where = "" if len(same) == 1 else f" on the {'left' if rng.random() < 0.5 else 'right'}"
-            if where:
-                obj = same[0] if where == " on the left" else same[-1]
-            if family == "colour":
-                return f"what color is the {obj[1]}{where}?", [obj[0]]
-            return f"what shape is the {obj[0]} object{where}?", [obj[1]]
+        if family == "colour":
+            return "what color is the biggest shape?", [self.biggest()[0]]
+        if family == "shape":
+            return "what shape are the objects?", [self.objects[0][1]]
         if family == "digit":
             return "what number is written in the box?", [str(self.digit)]
         if family == "count":
-            n = len(self.objects)
-            return "how many shapes are there?", [str(n)]
+            return "how many shapes are there?", [str(len(self.objects))]
         if family == "order":
-            return "what colors are the shapes from left to right?", [" ".join(o[0] for o in self.objects)]
+            shown = {o[0] for o in self.objects}
+            return "what colors are the shapes in rainbow order?", [" ".join(c for c in COLORS if c in shown)]
         if family == "yesno":
-            present = {(o[0], o[1]) for o in self.objects}
+            shape = self.objects[0][1]
             if rng.random() < 0.5:
-                colour, shape = self.objects[int(rng.integers(len(self.objects)))][:2]
-                return f"is there a {colour} {shape}?", ["yes"]
-            absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-            c, s = absent[int(rng.integers(len(absent)))]
-            return f"is there a {c} {s}?", ["no"]
+                return f"is the biggest shape a {shape}?", ["yes"]
+            other = [s for s in SHAPES if s != shape]
+            return f"is the biggest shape a {other[int(rng.integers(len(other)))]}?", ["no"]
         raise ValueError(f"unknown question family {family!r}")
 
 
 def vocabulary() -> list[str]:
     """Every word a question or answer can hold, so a tokenizer covers the dataset."""
-    words = {"what", "color", "is", "the", "shape", "object", "on", "left", "right", "number",
-             "written", "in", "box", "how", "many", "shapes", "are", "there", "colors", "from", "to", "yes",
-             "no", "a", *COLORS, *SHAPES, *NUMBER_WORDS, *map(str, range(10))}
+    words = {"what", "color", "is", "the", "biggest", "shape", "objects", "number", "written", "in", "box",
+             "how", "many", "shapes", "are", "there", "colors", "rainbow", "order", "yes", "no", "a",
+             *COLORS, *SHAPES, *NUMBER_WORDS, *map(str, range(10))}
     return sorted(words)
 
