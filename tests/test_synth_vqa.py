@@ -65,7 +65,6 @@ def test_answers_match_the_drawn_scene(tmp_path):
             assert vqa_score(NUMBER_WORDS[int(s.answers[0])], list(s.answers)) == 1.0
 
 
-
 def test_a_split_of_another_grammar_is_generated_again(tmp_path, monkeypatch):
     """A split written by an earlier question grammar (a manifest without this one's number) is
     written again on load, not served with questions the backbone was not trained on."""
@@ -83,3 +82,20 @@ def test_a_split_of_another_grammar_is_generated_again(tmp_path, monkeypatch):
     samples = synth_vqa.load("val", root=str(tmp_path))
     assert samples[0].question == "what color is the biggest shape?"
     assert json.loads(manifest.read_text())["grammar"] == synth_vqa.GRAMMAR
+
+
+def test_a_corrupt_manifest_is_a_one_line_error_and_stays(tmp_path):
+    """A manifest that does not parse, or is not one, names the file and the fix; it is not
+    overwritten (the grammar check must not take it for an old grammar)."""
+    import pytest
+
+    from lvlm_ctrl.data import synth_vqa
+    from lvlm_ctrl.errors import UserError
+
+    (tmp_path / "val").mkdir()
+    manifest = tmp_path / "val" / "manifest.json"
+    for text in ("{", "[1, 2]", '{"grammar": 2}'):
+        manifest.write_text(text)
+        with pytest.raises(UserError, match=r"manifest.json is corrupt .*delete .* and it is generated again"):
+            synth_vqa.load("val", root=str(tmp_path))
+        assert manifest.read_text() == text

@@ -12,11 +12,12 @@ and question families that need different parts of the model.
 The objects of an image share one shape and differ in colour, and one is clearly the biggest: no
 question binds one attribute to another (the first grammar's "what color is the triangle on the
 left?" and "is there a red circle?" kept a decoder this machine can train in 40 minutes at chance,
-and so did "is there a red shape?": README, synth-VQA testbed). Each image carries three questions of three families (cycling, so
-every family is equally common). Images are PNG files written once under `root` (default
-outputs/data/synth_vqa/seed<seed>) with a manifest per split; a split is generated on first use, or
-again when its manifest is of another grammar, and read back afterwards. The sample id names the
-question family (`test-00042-digit`), so profiles and yardsticks can group by it.
+and so did "is there a red shape?": README, synth-VQA testbed). Each image carries three questions
+of three families (cycling, so every family is equally common). Images are PNG files written once
+under `root` (default outputs/data/synth_vqa/seed<seed>) with a manifest per split; a split is
+generated on first use, or again when its manifest is of another grammar, and read back afterwards.
+The sample id names the question family (`test-00042-digit`), so profiles and yardsticks can group
+by it.
 """
 
 from __future__ import annotations
@@ -47,21 +48,27 @@ def load(split: str, root: str | None = None, seed: int = 0) -> list[VQASample]:
         raise UserError(f"unknown synth_vqa split {split!r}: choose one of {', '.join(SPLITS)}")
     base = Path(root) if root else Path("outputs/data/synth_vqa") / f"seed{seed}"
     manifest = base / split / "manifest.json"
-    if not manifest.exists() or _grammar(manifest) != GRAMMAR:
+    written = _read_manifest(manifest, base / split)
+    if written is None or written.get("grammar") != GRAMMAR:
         generate(base / split, split, seed)
+        written = _read_manifest(manifest, base / split)
+    return [VQASample(r["id"], str(base / split / r["image"]), r["question"], tuple(r["answers"]))
+            for r in written["samples"]]
+
+
+def _read_manifest(manifest: Path, split_dir: Path) -> dict | None:
+    """The manifest's contents, None where there is none yet; a corrupt one is a one-line error (not
+    overwritten: what is in it may be someone's)."""
+    if not manifest.exists():
+        return None
     try:
-        rows = json.loads(manifest.read_text())["samples"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise UserError(f"{manifest} is corrupt ({err.__class__.__name__}): delete {base / split} and it is "
+        written = json.loads(manifest.read_text())
+        if not isinstance(written, dict) or not isinstance(written["samples"], list):
+            raise TypeError("not a manifest")
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{manifest} is corrupt ({err.__class__.__name__}): delete {split_dir} and it is "
                         "generated again") from None
-    return [VQASample(r["id"], str(base / split / r["image"]), r["question"], tuple(r["answers"])) for r in rows]
-
-
-def _grammar(manifest: Path) -> int | None:
-    try:
-        return json.loads(manifest.read_text()).get("grammar")
-    except (json.JSONDecodeError, AttributeError):
-        return GRAMMAR  # corrupt: load's one-line error says what to do, rather than overwriting it
+    return written
 
 
 def generate(out: Path, split: str, seed: int, images: int | None = None) -> None:
