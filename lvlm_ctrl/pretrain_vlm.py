@@ -13,16 +13,16 @@ insertion) so that every configuration answers sensibly.
 
 On synth-VQA, two phases: the vision tower alone first (`vision_warmup_steps`), with probes of the
 scene under each of its tokens and of each object's shape from its tokens pooled; then the tower is
-frozen (`freeze_vision`) and the decoder learns the answers on its cached output, with a probe of
-which image tokens the question is about on its hidden states after block `question_block`
-(synth_targets.py; the probes are not saved). From the answers alone, a decoder of this width
+frozen (`freeze_vision`) and the decoder learns the answers on its cached output, with probes of
+which image tokens the question is about on its hidden states after block `question_block` and of
+the image's facts on its last prompt token after block `facts_block` (synth_targets.py; the probes
+are not saved). `family_weights` draws the questions the decoder learns slowest more often. From the answers alone, a decoder of this width
 learned to read the image far too slowly for 40 minutes here.
 """
 
 from __future__ import annotations
 
 import inspect
-import random
 import shutil
 import sys
 import time
@@ -41,136 +41,19 @@ from lvlm_ctrl.backbone.build_tiny import BUILDERS
 from lvlm_ctrl.backbone.families import family_class
 from lvlm_ctrl.backbone.hooks import KnobHooks
 from lvlm_ctrl.data import question_family
-from lvlm_ctrl.data.synth_targets import SCENE_CLASSES, question_labels, scene_labels
+from lvlm_ctrl.data.synth_targets import FACT_CLASSES, SCENE_CLASSES, question_labels, scene_facts, scene_labels
+from lvlm_ctrl.data.synth_vqa import FAMILIES
 from lvlm_ctrl.errors import UserError, cli
 from lvlm_ctrl.knobs import Knobs, KnobSpace
 from lvlm_ctrl.pretrain import save, training_knobs, warmup_cosine
-
-
-class VisionCache:
-    """The frozen vision encoder's output per (image, tier): once the vision tower has learned the
-    scene (vision_warmup_steps) it is frozen, and the decoder trains on its cached output, so that an
-    epoch after the first neither preprocesses an image nor runs the encoder (most of a joint step's
-    time). `active` is set when the tower freezes; before that, batches carry pixels as usual."""
-
-    def __init__(self):
-        self.active = False
-        self.store: dict[tuple[str, str], tuple[torch.Tensor, dict]] = {}  # (image, tier) -> (grid, output)
-
-    def put(self, keys: list, grids: torch.Tensor, output) -> None:
-        for i, key in enumerate(keys):
-            # the grid stays on the CPU, where Collate assembles the next batches' text
-            self.store[key] = (grids[i].cpu(), {"pooler_output": output.pooler_output[i].detach(),
-                                          "deepstack_features": [f[i].detach() for f in output.deepstack_features]})
-
-    def output(self, keys: list, output_type):
-        """The encoder's output for `keys`, as the encoder returns it (`output_type`)."""
-        feats = [self.store[k][1] for k in keys]
-        return output_type(pooler_output=tuple(f["pooler_output"] for f in feats),
-                          deepstack_features=[tuple(f["deepstack_features"][j] for f in feats)
-                                              for j in range(len(feats[0]["deepstack_features"]))])
-
-
-class SizeBuckets(torch.utils.data.Sampler):
-    """Training batches of images of like size. A batch runs at one tier and pads to its largest
-    image, so at the high tier a batch drawn at random from synth-VQA's sizes is 2.3x the tokens it
-    holds (1.04x sorted): shuffled, sorted by image area within runs of `pool` batches, the batches
-    shuffled again (as transformers' group_by_length), reseeded each epoch."""
-
-    def __init__(self, areas: list[int], batch_size: int, pool: int = 50, seed: int = 0):
-        self.areas, self.batch_size, self.pool, self.seed, self.epoch = areas, batch_size, pool, seed, 0
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        order, size = torch.randperm(len(self.areas), generator=g).tolist(), self.batch_size
-        batches = []
-        for start in range(0, len(order), self.pool * size):
-            run = sorted(order[start:start + self.pool * size], key=self.areas.__getitem__)
-            batches += [run[i:i + size] for i in range(0, len(run) - size + 1, size)]  # full batches only
-        for i in torch.randperm(len(batches), generator=g).tolist():
-            yield batches[i]
-
-    def __len__(self) -> int:
-        return sum((min(self.pool * self.batch_size, len(self.areas) - s)) // self.batch_size
-                   for s in range(0, len(self.areas), self.pool * self.batch_size))
-
-
-def image_areas(samples) -> list[int]:
-    """Each sample's image area in pixels (VQASample.image_size, once per image)."""
-    seen: dict[str, int] = {}
-    for s in samples:
-        if s.image_path not in seen:
-            width, height = s.image_size()
-            seen[s.image_path] = width * height
-    return [seen[s.image_path] for s in samples]
-
-
-class Collate:
-    """A batch at one tier: the processor's outputs for prompt + answer + end of turn, and labels on
-    the answer's tokens and the end of turn only (rows are left-padded, so those are each row's last).
-    With an active `cache`, only the images it lacks are preprocessed (`new`); the text is the
-    processor's for the image tokens each cached image had."""
-
-    def __init__(self, processor, prompt: str, tier_kwargs: dict[str, dict], fixed_tier: str | None = None,
-                 scene_labels=None, question_labels=None, cache: VisionCache | None = None,
-                 tier_weights: dict[str, float] | None = None):
-        self.processor, self.prompt, self.tier_kwargs, self.fixed_tier = processor, prompt, tier_kwargs, fixed_tier
-        self.tier_weights = [float((tier_weights or {}).get(t, 1.0)) for t in tier_kwargs]
-        self.eos = processor.tokenizer.eos_token
-        self.scene_labels, self.question_labels, self.cache = scene_labels, question_labels, cache
-
-    def __call__(self, samples):
-        tier = self.fixed_tier or random.choices(list(self.tier_kwargs), weights=self.tier_weights)[0]
-        tok = self.processor.tokenizer
-        answers = [s.answers[0] + self.eos for s in samples]
-        texts = [self.prompt.format(question=s.question) + a for s, a in zip(samples, answers)]
-        batch = {"tier": tier, "families": [question_family(s.sample_id) for s in samples]}
-        if self.cache is not None and self.cache.active:
-            inputs, batch["keys"], batch["new"] = self._cached(samples, texts, tier)
-        else:
-            inputs = self.processor(images=[s.load_image() for s in samples], text=texts, return_tensors="pt",
-                                    padding=True, **self.tier_kwargs[tier])
-        labels = torch.full_like(inputs["input_ids"], -100)
-        for row, a in enumerate(answers):
-            n = len(tok(a, add_special_tokens=False)["input_ids"])
-            labels[row, -n:] = inputs["input_ids"][row, -n:]
-        batch.update(inputs=dict(inputs), labels=labels)
-        grids = inputs["image_grid_thw"].tolist()
-        if self.scene_labels is not None and "keys" not in batch:  # the tower trains only before the cache
-            batch["scene"] = torch.cat([self.scene_labels(s.image_path, h, w) for s, (_, h, w) in zip(samples, grids)])
-        if self.question_labels is not None:
-            batch["asked"] = torch.cat([self.question_labels(s.image_path, s.question, h, w)
-                                        for s, (_, h, w) in zip(samples, grids)])
-        return batch
-
-    def _cached(self, samples, texts, tier):
-        keys = [(s.image_path, tier) for s in samples]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.cache.store))
-        image_token = self.processor.image_token
-        new = None
-        if missing:
-            new = self.processor(images=[samples[keys.index(k)].load_image() for k in missing],
-                                 text=[image_token] * len(missing), return_tensors="pt", padding=True,
-                                 **self.tier_kwargs[tier])
-            new = {"keys": missing, "inputs": {k: v for k, v in new.items() if k in ("pixel_values", "image_grid_thw")}}
-        grid_of = {k: g for k, g in zip(missing, new["inputs"]["image_grid_thw"])} if new else {}
-        grids = torch.stack([grid_of[k] if k in grid_of else self.cache.store[k][0] for k in keys])
-        merge = self.processor.image_processor.merge_size ** 2
-        texts = [t.replace(image_token, image_token * int(g.prod() // merge)) for t, g in zip(texts, grids)]
-        # the processor's own text path refuses image tokens without images: its tokenizer and token types
-        inputs = dict(self.processor.tokenizer(texts, return_tensors="pt", padding=True))
-        if "mm_token_type_ids" in self.processor.model_input_names:
-            inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(inputs["input_ids"].tolist()))
-        inputs["image_grid_thw"] = grids
-        return inputs, keys, new
+from lvlm_ctrl.pretrain_batches import Collate, SizeBuckets, VisionCache, family_sampler, image_areas, last_prompt_token
 
 
 class PretrainVLM(L.LightningModule):
     def __init__(self, model, space: KnobSpace, lr: float, weight_decay: float, warmup_steps: int,
                  total_steps: int, random_config_prob: float, scene_weight: float = 0.0,
                  vision_warmup_steps: int = 0, question_weight: float = 0.0, question_block: int = 3,
-                 cache: VisionCache | None = None):
+                 cache: VisionCache | None = None, facts_weight: float = 0.0, facts_block: int = 8):
         super().__init__()
         self.model, self.space = model, space
         self.hooks = KnobHooks(model)
@@ -186,6 +69,10 @@ class PretrainVLM(L.LightningModule):
         self.object_head = torch.nn.Linear(hidden, SCENE_CLASSES[1] - 1)
         self.question_weight, self.question_block = question_weight, question_block
         self.question_head = torch.nn.Linear(hidden, 1)
+        # and on the last prompt token after block `facts_block`, the image's facts every answer is
+        # made of: the decoder gathers the scene there before the question picks from it
+        self.facts_weight, self.facts_block = facts_weight, facts_block
+        self.facts_head = torch.nn.Linear(hidden, sum(FACT_CLASSES))
         self.image_token_id = model.config.image_token_id
         self.cache = cache
         self.lr, self.weight_decay, self.warmup_steps, self.total_steps = lr, weight_decay, warmup_steps, total_steps
@@ -206,31 +93,40 @@ class PretrainVLM(L.LightningModule):
             self._output_type = type(out)
         return self.cache.output(batch["keys"], self._output_type)
 
-    def _forward(self, batch, knobs: Knobs, grab_block: int | None = None):
-        """-> (logits, the vision encoder's output, the hidden states after block `grab_block` or
-        None) of the batch at `knobs`."""
+    def _forward(self, batch, knobs: Knobs, grab_blocks: tuple[int, ...] = ()):
+        """-> (logits, the vision encoder's output, {block: its hidden states} for `grab_blocks`) of
+        the batch at `knobs`."""
         # the forward keeps the image grid (its multimodal rope positions read it, as in serving,
         # where Backbone.encode computes them from the same inputs) but not the pixels
         inputs = {k: v for k, v in batch["inputs"].items() if not k.startswith("pixel_values")}
-        grabbed = []
-        grab = None if grab_block is None else self.hooks.blocks[grab_block].register_forward_hook(
-            lambda _m, _a, out: grabbed.append(out[0] if isinstance(out, tuple) else out))
+        grabbed = {}
+
+        def keep(block):
+            return lambda _m, _a, out: grabbed.__setitem__(block, out[0] if isinstance(out, tuple) else out)
+        grabs = [self.hooks.blocks[b].register_forward_hook(keep(b)) for b in grab_blocks]
         try:
             with self.hooks.apply(knobs):
                 # the vision encoder once, its output given to the forward as Backbone.prefill does
                 image = self._image(batch)
                 logits = self.model(**inputs, mm_encoder_outputs={"image": image}, use_cache=False).logits
         finally:
-            if grab is not None:
+            for grab in grabs:
                 grab.remove()
-        return logits, image, grabbed[0] if grabbed else None
+        return logits, image, grabbed
 
     def _loss(self, batch, knobs: Knobs):
         full = self.space.full()
-        # the question probe reads the blocks as the full configuration runs them (all kept, default top_k)
-        probe = self.training and self.question_weight and "asked" in batch \
-            and (knobs.top_k, knobs.num_blocks) == (full.top_k, full.num_blocks)
-        logits, image, hidden = self._forward(batch, knobs, self.question_block if probe else None)
+        # the decoder's probes read the blocks as the full configuration runs them (all kept, default top_k)
+        probe = self.training and (knobs.top_k, knobs.num_blocks) == (full.top_k, full.num_blocks)
+        ask = probe and self.question_weight and "asked" in batch
+        facts = probe and self.facts_weight and "facts" in batch
+        logits, image, hidden = self._forward(batch, knobs, tuple(b for b, on in ((self.question_block, ask),
+                                                                                   (self.facts_block, facts)) if on))
+        if facts:
+            last = last_prompt_token(batch["labels"])
+            states = hidden[self.facts_block][torch.arange(len(last), device=last.device), last]
+            fact = self._facts_loss(self.facts_head(states), batch["facts"])
+            self.log("train/facts_loss", fact, batch_size=len(last))
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         # teacher-forced exact match: every answer token and the end of turn right
@@ -239,13 +135,26 @@ class PretrainVLM(L.LightningModule):
             scene, _ = self._scene_loss(image.pooler_output, batch["scene"])
             self.log("train/scene_loss", scene, batch_size=len(labels))
             loss = loss + self.scene_weight * scene
-        if probe:
+        if ask:
             image_tokens = batch["inputs"]["input_ids"] == self.image_token_id
-            asked = F.binary_cross_entropy_with_logits(self.question_head(hidden[image_tokens]).squeeze(-1),
-                                                       batch["asked"])
+            asked = F.binary_cross_entropy_with_logits(
+                self.question_head(hidden[self.question_block][image_tokens]).squeeze(-1), batch["asked"])
             self.log("train/question_loss", asked, batch_size=len(labels))
             loss = loss + self.question_weight * asked
+        if facts:
+            loss = loss + self.facts_weight * fact
         return loss, ~wrong.any(-1)
+
+    @staticmethod
+    def _facts_loss(out, target):
+        """The colours shown, one flag each, then a class per fact (FACT_CLASSES)."""
+        n = FACT_CLASSES[0]
+        loss = F.binary_cross_entropy_with_logits(out[:, :n], target[:, :n].float())
+        start = n
+        for j, classes in enumerate(FACT_CLASSES[1:]):
+            loss = loss + F.cross_entropy(out[:, start:start + classes], target[:, n + j])
+            start += classes
+        return loss
 
     def _scene_loss(self, per_image, target):
         """-> (the scene probe's loss, its accuracy per target: colour on every token, shape on the
@@ -346,9 +255,10 @@ def main(cfg: DictConfig) -> float:
         raise UserError(f"family={cfg.family}: pretrain_vlm builds {', '.join(trainable)} only (a word-level "
                         "tokenizer over the dataset); give build_tiny's builder a `words` argument to add one")
     synth = cfg.data.name == "synth_vqa"
-    if not synth and (cfg.scene_weight or cfg.question_weight):
-        raise UserError(f"scene_weight / question_weight probe what synth_vqa's generator knows, and data={cfg.data.name} "
-                        "has no such targets: pass scene_weight=0 question_weight=0 freeze_vision=false")
+    if not synth and (cfg.scene_weight or cfg.question_weight or cfg.facts_weight or cfg.family_weights):
+        raise UserError(f"scene_weight / question_weight / facts_weight probe what synth_vqa's generator knows, and "
+                        f"data={cfg.data.name} has no such targets: pass scene_weight=0 question_weight=0 facts_weight=0 "
+                        "family_weights=null freeze_vision=false")
     if cfg.freeze_vision and not (cfg.scene_weight and cfg.vision_warmup_steps > 0):
         raise UserError("freeze_vision=true freezes the vision tower after its warm-up on the scene probe, and "
                         f"scene_weight={cfg.scene_weight} vision_warmup_steps={cfg.vision_warmup_steps} train none: "
@@ -360,7 +270,13 @@ def main(cfg: DictConfig) -> float:
                         "not all zero (a tier left out weighs 1)")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.threads)
+    by_family = dict(cfg.family_weights or {})
+    if set(by_family) - set(FAMILIES) or any(not isinstance(v, (int, float)) or v < 0 for v in by_family.values()) \
+            or (by_family and not sum(by_family.get(f, 1.0) for f in FAMILIES)) or (by_family and cfg.bucket_by_size):
+        raise UserError(f"family_weights={by_family}: give question families of {', '.join(FAMILIES)} non-negative "
+                        "numbers, not all zero (a family left out weighs 1), with bucket_by_size=false")
     splits = {s: hydra.utils.instantiate(cfg.data, split=s, limit=None).samples for s in ("train", "val", "test")}
+    families = [question_family(s.sample_id) for s in splits["train"]]
     words = sorted({w for v in splits.values() for s in v for text in (s.question, *s.answers)
                     for w in text.lower().replace("?", " ").split()})
     model, processor = builder(seed=cfg.seed, words=words, text_shape=dict(cfg.text_shape),
@@ -374,8 +290,11 @@ def main(cfg: DictConfig) -> float:
     asked = question_labels(cfg.data.seed) if cfg.question_weight else None
     cache = VisionCache() if cfg.freeze_vision else None
     collate = Collate(processor, prompt, tiers, scene_labels=scene, question_labels=asked, cache=cache,
-                      tier_weights=weights)
-    if cfg.bucket_by_size:
+                      tier_weights=weights, scene_facts=scene_facts(cfg.data.seed) if cfg.facts_weight else None)
+    if by_family:
+        loader = torch.utils.data.DataLoader(splits["train"], batch_size=cfg.batch_size, drop_last=True,
+                                             sampler=family_sampler(families, by_family, cfg.seed), collate_fn=collate)
+    elif cfg.bucket_by_size:
         loader = torch.utils.data.DataLoader(splits["train"], collate_fn=collate, batch_sampler=SizeBuckets(
             image_areas(splits["train"]), cfg.batch_size, seed=cfg.seed))
     else:
@@ -386,7 +305,7 @@ def main(cfg: DictConfig) -> float:
         samples, batch_size=32, collate_fn=Collate(processor, prompt, tiers, fixed_tier=full_tier, cache=cache))
     module = PretrainVLM(model, space, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.trainer.max_steps,
                          cfg.random_config_prob, cfg.scene_weight, cfg.vision_warmup_steps, cfg.question_weight,
-                         cfg.question_block, cache)
+                         cfg.question_block, cache, cfg.facts_weight, cfg.facts_block)
     trainer = hydra.utils.instantiate(cfg.trainer, max_epochs=-1)
     trainer.fit(module, loader, evaluate(splits["val"][: cfg.val_limit]))
     test = teacher_forced_accuracy(module, evaluate(splits["test"][: cfg.test_limit]))

@@ -9,8 +9,8 @@ import torch
 
 from lvlm_ctrl.backbone.build_tiny import QWEN_SPECIALS, qwen3_vl_moe, word_tokenizer
 from lvlm_ctrl.backbone.families import family_class
-from lvlm_ctrl.data import build_dataset
-from lvlm_ctrl.data.synth_targets import asked, question_labels, scene_labels, token_centres
+from lvlm_ctrl.data import build_dataset, question_family
+from lvlm_ctrl.data.synth_targets import asked, question_labels, scene_facts, scene_labels, token_centres
 from lvlm_ctrl.data.synth_vqa import COLORS, SHAPES, generate, inside, scene_of, vocabulary
 from lvlm_ctrl.knobs import Knobs
 from tests.conftest import error_line, run_cli
@@ -94,7 +94,8 @@ def test_training_forward_is_the_serving_forward(tmp_path):
     """The logits training reads at the answer's first position are the ones Backbone.generate
     decodes from (same positions, masks and deepstack), at the full and at a reduced configuration."""
     from lvlm_ctrl.backbone import Backbone
-    from lvlm_ctrl.pretrain_vlm import Collate, PretrainVLM
+    from lvlm_ctrl.pretrain_batches import Collate
+    from lvlm_ctrl.pretrain_vlm import PretrainVLM
 
     generate(tmp_path / "val", "val", 0, images=2)
     s = build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[3]
@@ -115,8 +116,8 @@ def test_training_forward_is_the_serving_forward(tmp_path):
 
 def test_asked_objects_hold_the_answer(tmp_path):
     """The objects the question probe marks are the ones the reference answer is about: a colour
-    question's object is the biggest and has the answer's colour, a yes/no question's the biggest
-    too, the other families every object."""
+    question's object is the biggest and has the answer's colour, a yes's the biggest too and a
+    no's none, the other families every object."""
     generate(tmp_path / "val", "val", 0, images=40)
     seen = set()
     for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples:
@@ -126,6 +127,8 @@ def test_asked_objects_hold_the_answer(tmp_path):
         seen.add(family)
         if family == "digit":
             assert picks == "box"
+        elif family == "yesno" and answer == "no":
+            assert picks == []
         elif family in ("colour", "yesno"):
             radii = [o[4] for o in scene.objects]
             assert len(picks) == 1 and radii[picks[0]] >= 1.5 * max(r for i, r in enumerate(radii) if i != picks[0]) - 1e-9
@@ -135,6 +138,8 @@ def test_asked_objects_hold_the_answer(tmp_path):
             assert picks == list(range(len(scene.objects)))
     assert seen == {"colour", "shape", "digit", "count", "order", "yesno"}
     labels = question_labels(seed=0)
+    s = next(s for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples if s.answers == ("no",))
+    assert labels(s.image_path, s.question, 16, 16).sum() == 0
     s = next(s for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples if "number" in s.question)
     assert 1 <= labels(s.image_path, s.question, 4, 4).sum() <= labels(s.image_path, s.question, 32, 32).sum()
 
@@ -144,7 +149,8 @@ def test_cached_vision_batches_equal_the_processors(tmp_path):
     token count, the encoder's output read back) gives the same inputs and logits as one through the
     processor and the encoder, and a second epoch preprocesses no image."""
     from lvlm_ctrl.backbone import Backbone
-    from lvlm_ctrl.pretrain_vlm import Collate, PretrainVLM, VisionCache
+    from lvlm_ctrl.pretrain_batches import Collate, VisionCache
+    from lvlm_ctrl.pretrain_vlm import PretrainVLM
 
     generate(tmp_path / "val", "val", 0, images=3)
     samples = build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[:6]
@@ -171,7 +177,7 @@ def test_cached_vision_batches_equal_the_processors(tmp_path):
 def test_tier_weights_pick_how_often_a_batch_runs_each_tier(tmp_path):
     import random as rnd
 
-    from lvlm_ctrl.pretrain_vlm import Collate
+    from lvlm_ctrl.pretrain_batches import Collate
 
     generate(tmp_path / "val", "val", 0, images=1)
     samples = build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples[:2]
@@ -228,6 +234,9 @@ def test_pretrain_vlm_writes_a_checkpoint_the_serving_path_answers_with(tmp_path
     (["scene_weight=0"], "freeze_vision=true freezes the vision tower after its warm-up"),
     (["tier_weights={huge: 1}"], "tier_weights={'huge': 1}: give tiers of low, medium, high"),
     (["tier_weights={low: -1}"], "tier_weights={'low': -1}: give tiers of low, medium, high"),
+    (["family_weights={count: -1}"], "'count': -1, 'order': 1.25, 'yesno': 1.25}: give question families of colour, shape"),
+    (["family_weights={count: 0, order: 0, yesno: 0, colour: 0, shape: 0, digit: 0}"], "not all zero"),
+    (["bucket_by_size=true"], "with bucket_by_size=false"),
 ])
 def test_bad_options_are_one_line(tmp_path, args, message):
     bad = run_cli("lvlm_ctrl.pretrain_vlm", *args, f"hydra.run.dir={tmp_path / 'bad'}")
@@ -238,7 +247,7 @@ def test_bad_options_are_one_line(tmp_path, args, message):
 def test_size_buckets_batch_like_sizes_and_cover_every_sample_once():
     import random as rnd
 
-    from lvlm_ctrl.pretrain_vlm import SizeBuckets
+    from lvlm_ctrl.pretrain_batches import SizeBuckets
 
     r = rnd.Random(0)
     areas = [r.choice([128 * 128, 256 * 256, 640 * 640]) * r.uniform(0.9, 1.1) for _ in range(1000)]
@@ -254,3 +263,48 @@ def test_size_buckets_batch_like_sizes_and_cover_every_sample_once():
     assert padding(first) < 1.3
     assert padding([shuffled[k:k + 16] for k in range(0, 992, 16)]) > 2.0
     assert list(SizeBuckets(areas, 16, 10, seed=3)) == first and list(sampler) != first  # seeded, new each epoch
+
+
+def test_scene_facts_make_every_answer(tmp_path):
+    """The facts probe's targets hold what each family's reference answer is made of: the colours
+    shown (as many as the objects), the biggest one's colour, the shape, the digit."""
+    generate(tmp_path / "val", "val", 0, images=30)
+    facts, n = scene_facts(seed=0), len(COLORS)
+    for s in build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples:
+        f = facts(s.image_path).tolist()
+        shown = [c for c, on in zip(COLORS, f[:n]) if on]
+        count, biggest, shape, digit = f[n:]
+        expected = {"colour": list(COLORS)[biggest], "shape": SHAPES[shape], "digit": str(digit), "count": str(count),
+                    "order": " ".join(shown), "yesno": "yes" if s.question.endswith(f" {SHAPES[shape]}?") else "no"}
+        assert s.answers[0] == expected[question_family(s.sample_id)] and len(shown) == count
+
+
+def test_the_facts_probe_reads_the_last_prompt_token_and_trains_its_head(tmp_path):
+    from lvlm_ctrl.backbone import Backbone
+    from lvlm_ctrl.pretrain_batches import Collate, last_prompt_token
+    from lvlm_ctrl.pretrain_vlm import PretrainVLM
+
+    generate(tmp_path / "val", "val", 0, images=2)
+    samples = build_dataset("synth_vqa", split="val", root=str(tmp_path)).samples
+    model, processor = qwen3_vl_moe(words=vocabulary(), seed=1)
+    backbone = Backbone(model, processor, {"low": 16, "high": 256}, None, None, 4, name="t")
+    tiers = {t: backbone.family.tier_kwargs(v) for t, v in backbone.tier_sizes.items()}
+    batch = Collate(processor, backbone.prompt, tiers, fixed_tier="high", scene_facts=scene_facts(0))(samples)
+    last, ids = last_prompt_token(batch["labels"]), batch["inputs"]["input_ids"]
+    assert len({int(i) for i in last}) > 1  # rows of unlike lengths: the position is each row's own
+    for row, s in enumerate(samples):
+        assert processor.tokenizer.decode(ids[row, last[row] + 1:], skip_special_tokens=True) == s.answers[0]
+        assert batch["labels"][row, last[row]] == -100 and batch["labels"][row, last[row] + 1] != -100
+    module = PretrainVLM(model, backbone.space, 1e-3, 0.0, 1, 10, 0.0, facts_weight=1.0).train()
+    module._loss(batch, backbone.space.full())[0].backward()
+    assert module.facts_head.weight.grad.abs().sum() > 0
+
+
+def test_family_weights_draw_families_as_asked():
+    from lvlm_ctrl.pretrain_batches import family_sampler
+
+    families = ["colour", "digit", "count"] * 400
+    drawn = [families[i] for i in family_sampler(families, {"colour": 0, "digit": 3}, seed=0)]
+    assert len(drawn) == len(families) and "colour" not in drawn
+    assert 2.4 < drawn.count("digit") / drawn.count("count") < 3.7
+    assert list(family_sampler(families, {"digit": 3}, 0)) == list(family_sampler(families, {"digit": 3}, 0))
