@@ -207,6 +207,8 @@ class PretrainVLM(L.LightningModule):
         return loss
 
     def validation_step(self, batch, _):
+        if self.global_step < self.vision_warmup_steps:
+            return  # the decoder has not trained yet: nothing to measure, and the time goes to steps
         loss, correct = self._loss(batch, self.space.full())
         self.log("val/loss", loss, prog_bar=True, batch_size=len(correct))
         self.log("val/acc", correct.float().mean(), prog_bar=True, batch_size=len(correct))

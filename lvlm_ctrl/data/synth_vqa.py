@@ -7,12 +7,13 @@ and question families that need different parts of the model.
   digit   "what number is written in the box?"             fine: a small glyph only a high tier resolves
   count   "how many shapes are there?"                     counting: small objects vanish at low tiers
   order   "what colors are the shapes in rainbow order?"   two to four words: output length varies
-  yesno   "is the biggest shape a circle?"                 yes / no: the outline again
+  yesno   "is the number in the box bigger than four?"     yes / no: the glyph again, half the time yes
 
 The objects of an image share one shape and differ in colour, and one is clearly the biggest: no
 question binds one attribute to another (the first grammar's "what color is the triangle on the
-left?" and "is there a red circle?" kept a decoder this machine can train in 40 minutes at chance,
-and so did "is there a red shape?": README, synth-VQA testbed). Each image carries three questions
+left?" and "is there a red circle?" kept a decoder this machine can train in 40 minutes at chance),
+and none compares a word of the question with the image (grammar 2's "is the biggest shape a
+circle?" and "is there a red shape?" did too: README, synth-VQA testbed). Each image carries three questions
 of three families (cycling, so every family is equally common). Images are PNG files written once
 under `root` (default outputs/data/synth_vqa/seed<seed>) with a manifest per split; a split is
 generated on first use, or again when its manifest is of another grammar, and read back afterwards.
@@ -37,7 +38,7 @@ SPLITS = {"train": 8000, "val": 1000, "test": 1000}  # images; three questions e
 FAMILIES = ("colour", "shape", "digit", "count", "order", "yesno")
 COLORS = {"red": (220, 40, 40), "orange": (245, 130, 30), "yellow": (235, 200, 30), "green": (40, 170, 60),
           "blue": (40, 80, 220), "purple": (140, 60, 180)}  # in rainbow order: the order family's answers
-GRAMMAR = 2  # the question grammar a manifest was written with; another is generated again
+GRAMMAR = 3  # the question grammar a manifest was written with; another is generated again
 SHAPES = ("circle", "square", "triangle", "diamond")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
@@ -189,18 +190,14 @@ class Scene:
             shown = {o[0] for o in self.objects}
             return "what colors are the shapes in rainbow order?", [" ".join(c for c in COLORS if c in shown)]
         if family == "yesno":
-            shape = self.objects[0][1]
-            if rng.random() < 0.5:
-                return f"is the biggest shape a {shape}?", ["yes"]
-            other = [s for s in SHAPES if s != shape]
-            return f"is the biggest shape a {other[int(rng.integers(len(other)))]}?", ["no"]
+            return "is the number in the box bigger than four?", ["yes" if self.digit > 4 else "no"]
         raise ValueError(f"unknown question family {family!r}")
 
 
 def vocabulary() -> list[str]:
     """Every word a question or answer can hold, so a tokenizer covers the dataset."""
     words = {"what", "color", "is", "the", "biggest", "shape", "objects", "number", "written", "in", "box",
-             "how", "many", "shapes", "are", "there", "colors", "rainbow", "order", "yes", "no", "a",
+             "how", "many", "shapes", "are", "there", "colors", "rainbow", "order", "yes", "no", "bigger", "than",
              *COLORS, *SHAPES, *NUMBER_WORDS, *map(str, range(10))}
     return sorted(words)
 
