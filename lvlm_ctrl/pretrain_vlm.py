@@ -16,8 +16,8 @@ scene under each of its tokens and of each object's shape from its tokens pooled
 frozen (`freeze_vision`) and the decoder learns the answers on its cached output, with probes of
 which image tokens the question is about on its hidden states after block `question_block` and of
 the image's facts on its last prompt token after block `facts_block` (synth_targets.py; the probes
-are not saved). `family_weights` draws the questions the decoder learns slowest more often. From the answers alone, a decoder of this width
-learned to read the image far too slowly for 40 minutes here.
+are not saved), and `family_weights` draws the families it learns slowest more often. From the
+answers alone, a decoder of this width learned to read the image far too slowly for 40 minutes here.
 """
 
 from __future__ import annotations
@@ -122,11 +122,6 @@ class PretrainVLM(L.LightningModule):
         facts = probe and self.facts_weight and "facts" in batch
         logits, image, hidden = self._forward(batch, knobs, tuple(b for b, on in ((self.question_block, ask),
                                                                                    (self.facts_block, facts)) if on))
-        if facts:
-            last = last_prompt_token(batch["labels"])
-            states = hidden[self.facts_block][torch.arange(len(last), device=last.device), last]
-            fact = self._facts_loss(self.facts_head(states), batch["facts"])
-            self.log("train/facts_loss", fact, batch_size=len(last))
         logits, labels = logits[:, :-1], batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         # teacher-forced exact match: every answer token and the end of turn right
@@ -142,6 +137,10 @@ class PretrainVLM(L.LightningModule):
             self.log("train/question_loss", asked, batch_size=len(labels))
             loss = loss + self.question_weight * asked
         if facts:
+            last = last_prompt_token(batch["labels"])
+            states = hidden[self.facts_block][torch.arange(len(last), device=last.device), last]
+            fact = self._facts_loss(self.facts_head(states), batch["facts"])
+            self.log("train/facts_loss", fact, batch_size=len(labels))
             loss = loss + self.facts_weight * fact
         return loss, ~wrong.any(-1)
 
