@@ -77,7 +77,7 @@ class PretrainVLM(L.LightningModule):
         self.cache = cache
         self.lr, self.weight_decay, self.warmup_steps, self.total_steps = lr, weight_decay, warmup_steps, total_steps
         self.random_config_prob = random_config_prob
-        self._vision_acc = defaultdict(list)
+        self._vision_acc, self._facts_acc = defaultdict(list), defaultdict(list)
 
     def _image(self, batch):
         """The vision encoder's output for the batch: run on its pixels, or, once the tower is frozen,
@@ -139,21 +139,26 @@ class PretrainVLM(L.LightningModule):
         if facts:
             last = last_prompt_token(batch["labels"])
             states = hidden[self.facts_block][torch.arange(len(last), device=last.device), last]
-            fact = self._facts_loss(self.facts_head(states), batch["facts"])
+            fact, acc = self._facts_loss(self.facts_head(states), batch["facts"])
             self.log("train/facts_loss", fact, batch_size=len(labels))
+            for k, v in acc.items():
+                self._facts_acc[k].append(v.item())
             loss = loss + self.facts_weight * fact
         return loss, ~wrong.any(-1)
 
     @staticmethod
     def _facts_loss(out, target):
-        """The colours shown, one flag each, then a class per fact (FACT_CLASSES)."""
+        """-> (the loss over the colours shown, one flag each, and a class per fact (FACT_CLASSES);
+        the accuracy per fact, the colours shown right only when every flag is)."""
         n = FACT_CLASSES[0]
         loss = F.binary_cross_entropy_with_logits(out[:, :n], target[:, :n].float())
+        acc = {"shown": ((out[:, :n] > 0) == target[:, :n].bool()).all(-1).float().mean()}
         start = n
-        for j, classes in enumerate(FACT_CLASSES[1:]):
+        for j, (name, classes) in enumerate(zip(("count", "biggest", "shape", "digit"), FACT_CLASSES[1:])):
             loss = loss + F.cross_entropy(out[:, start:start + classes], target[:, n + j])
+            acc[name] = (out[:, start:start + classes].argmax(-1) == target[:, n + j]).float().mean()
             start += classes
-        return loss
+        return loss, acc
 
     def _scene_loss(self, per_image, target):
         """-> (the scene probe's loss, its accuracy per target: colour on every token, shape on the
@@ -203,6 +208,10 @@ class PretrainVLM(L.LightningModule):
         loss, correct = self._loss(batch, knobs)
         self.log_dict({"train/loss": loss, "train/acc": correct.float().mean()}, prog_bar=True,
                       batch_size=len(correct))
+        if (self.global_step + 1) % 100 == 0 and self._facts_acc:  # the facts probe's curve in the log
+            print(f"step {self.global_step + 1}: facts probe accuracy over the last 100 steps "
+                  + " ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in self._facts_acc.items()), flush=True)
+            self._facts_acc.clear()
         return loss
 
     def validation_step(self, batch, _):

@@ -293,6 +293,16 @@ def test_the_facts_probe_reads_the_last_prompt_token_and_trains_its_head(tmp_pat
     module = PretrainVLM(model, backbone.space, 1e-3, 0.0, 1, 10, 0.0, facts_weight=1.0).train()
     module._loss(batch, backbone.space.full())[0].backward()
     assert module.facts_head.weight.grad.abs().sum() > 0
+    # the probe's accuracy per fact (printed every 100 steps) is 1 for logits that name every fact
+    from lvlm_ctrl.data.synth_targets import FACT_CLASSES
+
+    target, n = batch["facts"], FACT_CLASSES[0]
+    perfect = torch.cat([target[:, :n] * 20.0 - 10] + [torch.nn.functional.one_hot(target[:, n + j], c) * 20.0
+                                                        for j, c in enumerate(FACT_CLASSES[1:])], dim=-1)
+    loss, acc = PretrainVLM._facts_loss(perfect, target)
+    assert set(acc) == {"shown", "count", "biggest", "shape", "digit"} and all(v == 1 for v in acc.values())
+    assert loss < 1e-3
+    assert PretrainVLM._facts_loss(-perfect, target)[1]["shown"] == 0
 
 
 def test_family_weights_draw_families_as_asked():
