@@ -72,7 +72,7 @@ class PretrainVLM(L.LightningModule):
         # and on the last prompt token after block `facts_block`, the image's facts every answer is
         # made of: the decoder gathers the scene there before the question picks from it
         self.facts_weight, self.facts_block = facts_weight, facts_block
-        self.facts_head = torch.nn.Linear(hidden, sum(FACT_CLASSES))
+        self.facts_head = torch.nn.Linear(hidden, sum(FACT_CLASSES.values()))
         self.image_token_id = model.config.image_token_id
         self.cache = cache
         self.lr, self.weight_decay, self.warmup_steps, self.total_steps = lr, weight_decay, warmup_steps, total_steps
@@ -150,11 +150,11 @@ class PretrainVLM(L.LightningModule):
     def _facts_loss(out, target):
         """-> (the loss over the colours shown, one flag each, and a class per fact (FACT_CLASSES);
         the accuracy per fact, the colours shown right only when every flag is)."""
-        n = FACT_CLASSES[0]
+        n = FACT_CLASSES["shown"]
         loss = F.binary_cross_entropy_with_logits(out[:, :n], target[:, :n].float())
         acc = {"shown": ((out[:, :n] > 0) == target[:, :n].bool()).all(-1).float().mean()}
         start = n
-        for j, (name, classes) in enumerate(zip(("count", "biggest", "shape", "digit"), FACT_CLASSES[1:])):
+        for j, (name, classes) in enumerate(list(FACT_CLASSES.items())[1:]):
             loss = loss + F.cross_entropy(out[:, start:start + classes], target[:, n + j])
             acc[name] = (out[:, start:start + classes].argmax(-1) == target[:, n + j]).float().mean()
             start += classes
@@ -253,6 +253,19 @@ def teacher_forced_accuracy(module: PretrainVLM, loader) -> dict[str, float]:
     return scores
 
 
+def checked_weights(option: str, given, names, kinds: tuple[str, str], refuse: bool = False,
+                    fix: str = "") -> dict:
+    """{name: weight} from an option that weighs some of `names` (one left out weighs 1), or a
+    one-line error for an unknown name, a negative or non-number weight, all weights zero, or the
+    option given where `refuse` holds."""
+    weights = dict(given or {})
+    if set(weights) - set(names) or any(not isinstance(v, (int, float)) or v < 0 for v in weights.values()) \
+            or (weights and (refuse or not sum(weights.get(n, 1.0) for n in names))):
+        raise UserError(f"{option}={weights}: give {kinds[0]} of {', '.join(names)} non-negative numbers, not all "
+                        f"zero (a {kinds[1]} left out weighs 1){fix}")
+    return weights
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain_vlm")
 @cli
 def main(cfg: DictConfig) -> float:
@@ -273,18 +286,12 @@ def main(cfg: DictConfig) -> float:
         raise UserError("freeze_vision=true freezes the vision tower after its warm-up on the scene probe, and "
                         f"scene_weight={cfg.scene_weight} vision_warmup_steps={cfg.vision_warmup_steps} train none: "
                         "give both > 0, or pass freeze_vision=false")
-    weights = dict(cfg.tier_weights or {})
-    if set(weights) - set(cfg.model.tiers) or any(not isinstance(v, (int, float)) or v < 0 for v in weights.values()) \
-            or (weights and not sum(weights.get(t, 1.0) for t in cfg.model.tiers)):
-        raise UserError(f"tier_weights={weights}: give tiers of {', '.join(cfg.model.tiers)} non-negative numbers, "
-                        "not all zero (a tier left out weighs 1)")
+    weights = checked_weights("tier_weights", cfg.tier_weights, list(cfg.model.tiers), ("tiers", "tier"))
+    # batches of like-sized images (SizeBuckets) are a sampler of their own: the two do not combine
+    by_family = checked_weights("family_weights", cfg.family_weights, FAMILIES, ("question families", "family"),
+                                refuse=cfg.bucket_by_size, fix=", with bucket_by_size=false")
     L.seed_everything(cfg.seed, workers=True)
     torch.set_num_threads(cfg.threads)
-    by_family = dict(cfg.family_weights or {})
-    if set(by_family) - set(FAMILIES) or any(not isinstance(v, (int, float)) or v < 0 for v in by_family.values()) \
-            or (by_family and not sum(by_family.get(f, 1.0) for f in FAMILIES)) or (by_family and cfg.bucket_by_size):
-        raise UserError(f"family_weights={by_family}: give question families of {', '.join(FAMILIES)} non-negative "
-                        "numbers, not all zero (a family left out weighs 1), with bucket_by_size=false")
     splits = {s: hydra.utils.instantiate(cfg.data, split=s, limit=None).samples for s in ("train", "val", "test")}
     families = [question_family(s.sample_id) for s in splits["train"]]
     words = sorted({w for v in splits.values() for s in v for text in (s.question, *s.answers)

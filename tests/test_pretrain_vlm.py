@@ -296,9 +296,9 @@ def test_the_facts_probe_reads_the_last_prompt_token_and_trains_its_head(tmp_pat
     # the probe's accuracy per fact (printed every 100 steps) is 1 for logits that name every fact
     from lvlm_ctrl.data.synth_targets import FACT_CLASSES
 
-    target, n = batch["facts"], FACT_CLASSES[0]
+    target, n = batch["facts"], FACT_CLASSES["shown"]
     perfect = torch.cat([target[:, :n] * 20.0 - 10] + [torch.nn.functional.one_hot(target[:, n + j], c) * 20.0
-                                                        for j, c in enumerate(FACT_CLASSES[1:])], dim=-1)
+                                                        for j, c in enumerate(list(FACT_CLASSES.values())[1:])], dim=-1)
     loss, acc = PretrainVLM._facts_loss(perfect, target)
     assert set(acc) == {"shown", "count", "biggest", "shape", "digit"} and all(v == 1 for v in acc.values())
     assert loss < 1e-3

@@ -17,6 +17,7 @@ from lvlm_ctrl.profiling import read_profile, robust_quantile, stored_rows
 from tests.conftest import ROOT
 from tests.test_lookup import synthetic_profile
 
+
 class Subset:
     def __init__(self, samples):
         self.name, self.split, self.samples = "easy_vqa", "val", samples

@@ -14,9 +14,10 @@ import torch
 from lvlm_ctrl.data import synth_vqa
 
 SCENE_CLASSES = (len(synth_vqa.COLORS) + 1, len(synth_vqa.SHAPES) + 1, 10)  # colour, shape (+ none), digit
-# the image's facts: which colours it shows (one flag each), then classes of its count of objects,
-# the biggest one's colour, the objects' shape, the digit
-FACT_CLASSES = (len(synth_vqa.COLORS), 5, len(synth_vqa.COLORS), len(synth_vqa.SHAPES), 10)
+# the image's facts, in scene_facts' order: which colours it shows (a flag per colour), then one class
+# each for its count of objects, the biggest one's colour, the objects' shape, the digit
+FACT_CLASSES = {"shown": len(synth_vqa.COLORS), "count": 5, "biggest": len(synth_vqa.COLORS),
+                "shape": len(synth_vqa.SHAPES), "digit": 10}
 
 
 def token_centres(scene, grid_h: int, grid_w: int, merge: int = 2):

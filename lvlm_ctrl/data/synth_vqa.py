@@ -13,12 +13,12 @@ The objects of an image share one shape and differ in colour, and one is clearly
 question binds one attribute to another (the first grammar's "what color is the triangle on the
 left?" and "is there a red circle?" kept a decoder this machine can train in 40 minutes at chance),
 and none compares a word of the question with the image (grammar 2's "is the biggest shape a
-circle?" and "is there a red shape?" did too: README, synth-VQA testbed). Each image carries three questions
-of three families (cycling, so every family is equally common). Images are PNG files written once
-under `root` (default outputs/data/synth_vqa/seed<seed>) with a manifest per split; a split is
-generated on first use, or again when its manifest is of another grammar, and read back afterwards.
-The sample id names the question family (`test-00042-digit`), so profiles and yardsticks can group
-by it.
+circle?" and "is there a red shape?" did too: README, synth-VQA testbed). Each image carries three
+questions of three families (cycling, so every family is equally common). Images are PNG files
+written once under `root` (default outputs/data/synth_vqa/seed<seed>) with a manifest per split; a
+split is generated on first use, or again when its manifest is of another grammar, and read back
+afterwards. The sample id names the question family (`test-00042-digit`), so profiles and yardsticks
+can group by it.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def generate(out: Path, split: str, seed: int, images: int | None = None) -> Non
         os.replace(tmp, out / name)
         for j in range(3):
             family = FAMILIES[(3 * i + j) % len(FAMILIES)]
-            question, answers = scene.ask(family, rng)
+            question, answers = scene.ask(family)
             rows.append({"id": f"{split}-{3 * i + j:05d}-{family}", "image": name, "question": question,
                          "answers": answers})
     atomic_write_json(out / "manifest.json", {"split": split, "seed": seed, "grammar": GRAMMAR,
@@ -175,7 +175,7 @@ class Scene:
         d.text((x0 + side / 2, y0 + side / 2), str(self.digit), fill=(0, 0, 0), font=font, anchor="mm")
         return img
 
-    def ask(self, family: str, rng: np.random.Generator) -> tuple[str, list[str]]:
+    def ask(self, family: str) -> tuple[str, list[str]]:
         """A question of `family` about this scene and its reference answer (one: the VQA metric's
         normalisation already takes "seven" for "7" and ignores punctuation)."""
         if family == "colour":
