@@ -301,7 +301,11 @@ def main(cfg: DictConfig) -> float:
     set_experts_implementation(model, cfg.experts_implementation)
     family = family_class(model.config.model_type)(model, processor)
     tiers = {t: family.tier_kwargs(v) for t, v in cfg.model.tiers.items()}
-    space = KnobSpace.for_backbone(tuple(tiers), KnobHooks(model, family=family))
+    hooks = KnobHooks(model, family=family)
+    space = KnobSpace.for_backbone(tuple(tiers), hooks)
+    for option in ("question_block", "facts_block"):
+        if not 0 <= cfg[option] < len(hooks.blocks):
+            raise UserError(f"{option}={cfg[option]}: the probes read a decoder block, 0 to {len(hooks.blocks) - 1}")
     prompt = cfg.model.prompt or family.prompt
     scene = scene_labels(cfg.data.seed) if cfg.scene_weight else None
     asked = question_labels(cfg.data.seed) if cfg.question_weight else None

@@ -232,6 +232,8 @@ def test_pretrain_vlm_writes_a_checkpoint_the_serving_path_answers_with(tmp_path
     (["family_weights={count: -1}"], "'count': -1, 'order': 1.75, 'yesno': 1.0}: give question families of colour, shape"),
     (["family_weights={count: 0, order: 0, yesno: 0, colour: 0, shape: 0, digit: 0}"], "not all zero"),
     (["bucket_by_size=true"], "with bucket_by_size=false"),
+    (["facts_block=16"], "facts_block=16: the probes read a decoder block, 0 to 15"),
+    (["question_block=-1"], "question_block=-1: the probes read a decoder block, 0 to 15"),
 ])
 def test_bad_options_are_one_line(tmp_path, args, message):
     bad = run_cli("lvlm_ctrl.pretrain_vlm", *args, f"hydra.run.dir={tmp_path / 'bad'}")
